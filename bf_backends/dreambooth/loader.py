@@ -1,0 +1,52 @@
+"""Loading a base SDXL model with a DreamBooth/character LoRA or a textual inversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bf_core.errors import CheckpointError
+
+IDENTITY_ADAPTER = "identity"
+
+
+def load_sdxl_pipeline(base_model: str, torch_dtype=None, device: str | None = None,
+                       local_files_only: bool = False):
+    """``StableDiffusionXLPipeline.from_pretrained`` with a clear message when offline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            base_model, torch_dtype=torch_dtype, local_files_only=local_files_only)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not load the SDXL base model {base_model!r} ({exc}). Give a local folder in "
+            "diffusers layout (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, "
+            "tokenizer/, tokenizer_2/, scheduler/), or a hub id with network access.") from exc
+    return pipe.to(device) if device else pipe
+
+
+def load_identity_checkpoint(pipe: Any, checkpoint: str, adapter_name: str = IDENTITY_ADAPTER,
+                             token: str | None = None) -> None:
+    """Load a LoRA (``.safetensors``) as adapter ``adapter_name``, left unfused so each line
+    can switch it; or a textual-inversion embedding when ``token`` is given."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"identity checkpoint not found: {checkpoint}")
+    if token is not None:
+        pipe.load_textual_inversion(str(path), token=token)
+        return
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{checkpoint}: identity LoRAs are read from .safetensors files only "
+                              "(pickled LoRA files are refused: convert them first)")
+    pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+
+
+def load_dreambooth_pipeline(base_model: str, checkpoint: str | None = None, *, torch_dtype=None,
+                             device: str | None = None, token: str | None = None,
+                             local_files_only: bool = False):
+    pipe = load_sdxl_pipeline(base_model, torch_dtype=torch_dtype, device=device,
+                              local_files_only=local_files_only)
+    if checkpoint:
+        load_identity_checkpoint(pipe, checkpoint, token=token)
+    return pipe

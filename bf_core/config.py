@@ -1,0 +1,174 @@
+"""Every knob of the method, validated, with the paper's defaults.
+
+Small frozen dataclasses, one per component (``IdAFConfig``, ``IdAPConfig``) composed by
+``BFConfig``. Each field is checked in ``__post_init__`` with a message that names the
+field and the allowed range. Thresholds that depend on the step count are checked again
+by ``resolve_step`` once the number of steps is known.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+from bf_core.errors import ConfigError
+
+LAMBDA_MODES = ("temperature", "weight")
+SMOOTHINGS = ("avgpool", "downup", "none")
+SALIENCIES = ("guided", "cfg_delta")
+NEGATIVE_POLICIES = ("aggregate", "zeros")
+SEMANTIC_ADAPTER_POLICIES = ("off", "on")
+
+
+def _require_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _require_threshold(name: str, value) -> None:
+    """A threshold is an int step index >= 0 or a float fraction in [0, 1)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be an int step index >= 0 or a float in [0, 1), "
+                          f"got the bool {value!r}")
+    if isinstance(value, numbers.Integral):
+        if value < 0:
+            raise ConfigError(f"{name} as a step index must be >= 0, got {value}")
+        return
+    if isinstance(value, numbers.Real):
+        if not (0.0 <= value < 1.0):
+            raise ConfigError(f"{name} as a fraction of the step count must be in [0, 1), "
+                              f"got {value!r}; give an int for a step index")
+        return
+    raise ConfigError(f"{name} must be an int step index or a float in [0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class IdAFConfig:
+    """Identity Adaptive Fusion (paper eq. 6-10).
+
+    lambda_id, lambda_sem: softmax inverse temperatures (``"temperature"``) or output
+        weights (``"weight"``) of the ID and semantic lines; paper: 5 and 1.
+    lambda_mode: where lambda acts, see docs/method.md for why both readings exist.
+    smoothing: ``"avgpool"`` (box average of ``smooth_kernel`` then bilinear back up),
+        ``"downup"`` (bilinear down by ``smooth_kernel`` then back up) or ``"none"``.
+    smooth_kernel: box size or down factor; 4 as in the reference code.
+    saliency: ``"guided"`` (|guided noise|, the paper) or ``"cfg_delta"``
+        (|s * (eps_cond - eps_uncond_sem)|, the MagicFusion reading).
+    """
+
+    lambda_id: float = 5.0
+    lambda_sem: float = 1.0
+    lambda_mode: str = "temperature"
+    smoothing: str = "avgpool"
+    smooth_kernel: int = 4
+    saliency: str = "guided"
+
+    def __post_init__(self):
+        _require_positive("IdAFConfig.lambda_id", self.lambda_id)
+        _require_positive("IdAFConfig.lambda_sem", self.lambda_sem)
+        _require_choice("IdAFConfig.lambda_mode", self.lambda_mode, LAMBDA_MODES)
+        _require_choice("IdAFConfig.smoothing", self.smoothing, SMOOTHINGS)
+        _require_choice("IdAFConfig.saliency", self.saliency, SALIENCIES)
+        if isinstance(self.smooth_kernel, bool) or not isinstance(self.smooth_kernel, numbers.Integral) \
+                or self.smooth_kernel < 1:
+            raise ConfigError(f"IdAFConfig.smooth_kernel must be an int >= 1, got {self.smooth_kernel!r}")
+
+
+@dataclass(frozen=True)
+class IdAPConfig:
+    """Identity Aggregation Prepending (paper eq. 11-12).
+
+    num_tokens: K, the number of aggregated ID tokens prepended to the scene prompt (paper: 8).
+    seed: seed of the CPU generator that draws the fixed query Q ~ N(0, 1), shape (K, D).
+    temperature: ``None`` (eq. 11 as written, unscaled), a float > 0 dividing the logits,
+        or ``"sqrt_d"`` for sqrt(D).
+    negative: how the negative branch gets K tokens too: ``"aggregate"`` (the same
+        aggregation of the ID line's negative tokens) or ``"zeros"``.
+    query_file: optional safetensors file with a trained ``idap_query`` (K, D) used instead
+        of the seeded random Q.
+    """
+
+    num_tokens: int = 8
+    seed: int = 0
+    temperature: float | str | None = None
+    negative: str = "aggregate"
+    query_file: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, numbers.Integral) \
+                or self.num_tokens < 1:
+            raise ConfigError(f"IdAPConfig.num_tokens (K) must be an int >= 1, got {self.num_tokens!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ConfigError(f"IdAPConfig.seed must be an int >= 0, got {self.seed!r}")
+        if self.temperature is not None and self.temperature != "sqrt_d":
+            _require_positive("IdAPConfig.temperature (or None, or 'sqrt_d')", self.temperature)
+        _require_choice("IdAPConfig.negative", self.negative, NEGATIVE_POLICIES)
+
+
+@dataclass(frozen=True)
+class BFConfig:
+    """Top-level configuration of BeyondFacial.
+
+    enabled: ``False`` runs the backend's stock single-line algorithm (baseline parity).
+    idaf_start: M1. The ID line runs and IdAF fuses at steps ``i > M1``. A float in
+        [0, 1) is a fraction of the step count (M = round(f * T)); an int is a step index.
+    idap_start: M2. The semantic line carries the IdAP tokens at steps ``i > M2``.
+    use_idaf, use_idap: switch each component off for ablations. Without IdAF the ID line
+        is never evaluated; without IdAP the scene prompt is never extended.
+    idaf, idap: component settings.
+    semantic_adapters: ``"off"`` (the semantic line runs the base model with the backend's
+        identity machinery switched off, the paper) or ``"on"`` (it stays on).
+    share_negative: compute the negative branch once for both lines when they are provably
+        identical (same tensors, same model state); changes nothing beyond round-off.
+    """
+
+    enabled: bool = True
+    idaf_start: int | float = 0.2
+    idap_start: int | float = 0.3
+    use_idaf: bool = True
+    use_idap: bool = True
+    idaf: IdAFConfig = field(default_factory=IdAFConfig)
+    idap: IdAPConfig = field(default_factory=IdAPConfig)
+    semantic_adapters: str = "off"
+    share_negative: bool = False
+
+    def __post_init__(self):
+        for name in ("enabled", "use_idaf", "use_idap", "share_negative"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"BFConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        _require_threshold("BFConfig.idaf_start", self.idaf_start)
+        _require_threshold("BFConfig.idap_start", self.idap_start)
+        if not isinstance(self.idaf, IdAFConfig):
+            raise ConfigError(f"BFConfig.idaf must be an IdAFConfig, got {type(self.idaf).__name__}")
+        if not isinstance(self.idap, IdAPConfig):
+            raise ConfigError(f"BFConfig.idap must be an IdAPConfig, got {type(self.idap).__name__}")
+        _require_choice("BFConfig.semantic_adapters", self.semantic_adapters, SEMANTIC_ADAPTER_POLICIES)
+
+    def thresholds(self, num_steps: int) -> tuple[int, int]:
+        """(M1, M2) as step indices for a schedule of ``num_steps`` steps."""
+        return (resolve_step("BFConfig.idaf_start", self.idaf_start, num_steps),
+                resolve_step("BFConfig.idap_start", self.idap_start, num_steps))
+
+
+def resolve_step(name: str, value: int | float, num_steps: int) -> int:
+    """Turn a threshold into a step index M for a schedule of ``num_steps`` steps.
+
+    A float f in [0, 1) gives round(f * T). An int is taken as is; since a component runs
+    at steps ``i > M``, an int M >= T - 1 would never run and is refused.
+    """
+    _require_threshold(name, value)
+    if isinstance(value, numbers.Integral):
+        if value >= num_steps - 1:
+            raise ConfigError(
+                f"{name}={value} is a step index at or beyond the last step of a {num_steps}-step "
+                f"schedule (steps i > {value} never happen): use an int in [0, {max(num_steps - 2, 0)}] "
+                "or a fraction in [0, 1)")
+        return int(value)
+    return int(round(value * num_steps))

@@ -1,0 +1,439 @@
+"""Dual-Line Inference: the only denoising loop in the project.
+
+It mirrors ``StableDiffusionXLPipeline.__call__`` step for step (so that with the method
+off it reproduces the stock pipeline bit for bit), and adds, per step ``i``:
+
+1. the semantic line's guided noise, with IdAP tokens prepended when ``i > M2``;
+2. when ``i > M1``, the ID line's guided noise, fused with the semantic one by IdAF;
+3. one ``scheduler.step`` on the result.
+
+The loop knows lines, not methods: a backend session supplies each line's conditioning and
+evaluates the UNet for batches of rows tagged by line.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
+from diffusers.utils import BaseOutput
+
+from bf_core.aggregation import (
+    idap_aggregate,
+    idap_prepend,
+    idap_query,
+    idap_selection,
+    load_idap_query,
+)
+from bf_core.config import BFConfig
+from bf_core.errors import ConfigError, NonFiniteError
+from bf_core.fusion import idaf
+from bf_core.protocols import GenerationRequest, Identity, Line, LineConditioning, RowBatch
+
+
+@dataclass
+class BeyondFacialPipelineOutput(BaseOutput):
+    """Output of a wrapped call.
+
+    images: as the stock pipeline returns them (PIL list, numpy, torch or latents).
+    fusion_maps: with ``return_fusion_maps=True``, a bool tensor (S, N, 1, h, w) of where the
+        ID line won at each of the S fused steps (latent resolution), else None.
+    fusion_steps: the step indices of ``fusion_maps``.
+    diagnostics: thresholds, UNet call counts, IdAP token selections.
+    """
+
+    images: Any
+    fusion_maps: torch.Tensor | None = None
+    fusion_steps: list[int] | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _LineTensors:
+    """One line's CFG-concatenated UNet conditioning for all its rows."""
+
+    embeds: torch.Tensor  # (2R or R, L, D)
+    text_embeds: torch.Tensor  # (2R or R, P)
+    time_ids: torch.Tensor  # (2R or R, 6)
+
+    def cond_half(self) -> _LineTensors:
+        """The positive rows only (CFG switched off mid-run by a callback)."""
+        half = self.embeds.shape[0] // 2
+        return _LineTensors(self.embeds[half:], self.text_embeds[half:], self.time_ids[half:])
+
+
+def cfg_line_tensors(cond: LineConditioning, time_ids: torch.Tensor, negative_time_ids: torch.Tensor,
+                     rows: int, do_cfg: bool, device: torch.device) -> _LineTensors:
+    """Concatenate a line's conditioning for a CFG batch exactly as the stock pipeline does.
+
+    Embeddings are blocked ``[neg x R, pos x R]``; time ids are ``cat([neg, pos])`` repeated
+    R times (interleaved), a diffusers quirk kept for bit-exactness.
+    """
+    embeds, text_embeds, ids = cond.prompt_embeds, cond.pooled, time_ids
+    if do_cfg:
+        embeds = torch.cat([cond.negative_prompt_embeds, embeds], dim=0)
+        text_embeds = torch.cat([cond.negative_pooled, text_embeds], dim=0)
+        ids = torch.cat([negative_time_ids, ids], dim=0)
+    return _LineTensors(embeds.to(device), text_embeds.to(device), ids.to(device).repeat(rows, 1))
+
+
+def same_negative_rows(a: _LineTensors, b: _LineTensors, rows: int) -> bool:
+    """True when two lines' negative (first ``rows``) rows are identical tensors."""
+    return (a.embeds.shape == b.embeds.shape and torch.equal(a.embeds[:rows], b.embeds[:rows])
+            and torch.equal(a.text_embeds[:rows], b.text_embeds[:rows])
+            and torch.equal(a.time_ids, b.time_ids))
+
+
+def guide(prediction: torch.Tensor, do_cfg: bool, scale: float, rescale: float):
+    """CFG as diffusers does it. Returns (guided, cond, uncond); uncond is None without CFG."""
+    if not do_cfg:
+        return prediction, prediction, None
+    uncond, cond = prediction.chunk(2)
+    guided = uncond + scale * (cond - uncond)
+    if rescale > 0.0:
+        guided = rescale_noise_cfg(guided, cond, guidance_rescale=rescale)
+    return guided, cond, uncond
+
+
+def match_rows(tokens: torch.Tensor, rows: int, num_images_per_prompt: int, what: str) -> torch.Tensor:
+    """Broadcast (B_id, N, D) identity tokens to the R = B * n rows of the batch."""
+    if tokens.shape[0] == rows:
+        return tokens
+    if tokens.shape[0] == 1:
+        return tokens.expand(rows, *tokens.shape[1:])
+    if tokens.shape[0] * num_images_per_prompt == rows:
+        return tokens.repeat_interleave(num_images_per_prompt, dim=0)
+    raise ConfigError(f"{what} has batch {tokens.shape[0]}; expected 1, the number of prompts, "
+                      f"or {rows} (prompts x images per prompt)")
+
+
+def idap_conditioning(cond: LineConditioning, identity: Identity, config: BFConfig,
+                      rows: int, num_images_per_prompt: int) -> tuple[LineConditioning, torch.Tensor]:
+    """The semantic line's conditioning with the K aggregated ID tokens prepended (eq. 12).
+
+    Returns the new conditioning and the IdAP token selection (R, K) for diagnostics.
+    """
+    idap = config.idap
+    dim = identity.tokens.shape[-1]
+    if dim != cond.prompt_embeds.shape[-1]:
+        raise ConfigError(f"IdAP: the backend's ID tokens have width D={dim} but the scene prompt's "
+                          f"tokens have D={cond.prompt_embeds.shape[-1]}; T_id must live in the "
+                          "UNet's cross-attention space")
+    query = (load_idap_query(idap.query_file, idap.num_tokens, dim) if idap.query_file
+             else idap_query(idap.num_tokens, dim, idap.seed))
+    t_id = match_rows(identity.tokens, rows, num_images_per_prompt, "Identity.tokens")
+    positive = idap_prepend(idap_aggregate(t_id, query, idap.temperature), cond.prompt_embeds)
+    negative = None
+    if cond.negative_prompt_embeds is not None:
+        if idap.negative == "aggregate" and identity.negative_tokens is not None:
+            t_neg = match_rows(identity.negative_tokens, rows, num_images_per_prompt,
+                               "Identity.negative_tokens")
+            neg_tokens = idap_aggregate(t_neg, query, idap.temperature)
+        else:
+            if idap.negative == "aggregate":
+                warnings.warn("the backend gave no negative ID tokens; IdAP pads the negative "
+                              "branch with K zero tokens", stacklevel=3)
+            neg_tokens = torch.zeros_like(positive[:, : idap.num_tokens])
+        negative = idap_prepend(neg_tokens, cond.negative_prompt_embeds)
+    selection = idap_selection(t_id, query, idap.temperature)
+    return LineConditioning(positive, cond.pooled, negative, cond.negative_pooled, cond.extra), selection
+
+
+def _execution_device_of(module: torch.nn.Module, fallback: torch.device) -> torch.device:
+    try:
+        from diffusers.utils.torch_utils import get_module_execution_device
+    except ImportError:  # diffusers < 0.42 moves latents with the pipeline's device
+        return fallback
+    return get_module_execution_device(module)
+
+
+def decode_latents(pipe: Any, latents: torch.Tensor, output_type: str):
+    """The stock pipeline's decode tail: VAE upcast, unscale, decode, watermark, postprocess."""
+    if output_type == "latent":
+        return latents
+    vae = pipe.vae
+    needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+    if needs_upcasting:
+        vae.to(dtype=torch.float32)  # what the deprecated ``upcast_vae`` does
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+    elif latents.dtype != vae.dtype and torch.backends.mps.is_available():
+        pipe.vae = vae = vae.to(latents.dtype)
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    latents = latents.to(_execution_device_of(vae, latents.device))
+    image = vae.decode(latents, return_dict=False)[0]
+    if needs_upcasting:
+        vae.to(dtype=torch.float16)
+    if getattr(pipe, "watermark", None) is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def _check_call(pipe, prompt, prompt_embeds, height, width, tensor_inputs) -> None:
+    if height % 8 != 0 or width % 8 != 0:
+        raise ConfigError(f"height and width must be divisible by 8, got {height} and {width}")
+    if (prompt is None) == (prompt_embeds is None):
+        raise ConfigError("give exactly one of prompt and prompt_embeds")
+    allowed = set(getattr(pipe, "_callback_tensor_inputs", ()))
+    unknown = [name for name in tensor_inputs if name not in allowed]
+    if unknown:
+        raise ConfigError(f"callback_on_step_end_tensor_inputs has {unknown}; allowed: {sorted(allowed)}")
+
+
+def _batch_size(prompt, prompt_embeds) -> int:
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return prompt_embeds.shape[0]
+
+
+def run(
+    pipe: Any,
+    backend: Any,
+    config: BFConfig,
+    prompt: str | list[str] | None = None,
+    prompt_2: str | list[str] | None = None,
+    *,
+    id_images: Any = None,
+    id_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 50,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    denoising_end: float | None = None,
+    guidance_scale: float = 5.0,
+    negative_prompt: str | list[str] | None = None,
+    negative_prompt_2: str | list[str] | None = None,
+    num_images_per_prompt: int = 1,
+    eta: float = 0.0,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    output_type: str = "pil",
+    return_dict: bool = True,
+    cross_attention_kwargs: dict[str, Any] | None = None,
+    guidance_rescale: float = 0.0,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    negative_original_size: tuple[int, int] | None = None,
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+    negative_target_size: tuple[int, int] | None = None,
+    clip_skip: int | None = None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs: list[str] | None = None,
+    callback=None,
+    callback_steps: int | None = None,
+    return_fusion_maps: bool = False,
+    **backend_options: Any,
+):
+    """One wrapped generation; the keyword arguments are ``StableDiffusionXLPipeline``'s."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = list(callback_on_step_end.tensor_inputs)
+    if num_images_per_prompt < 1:
+        raise ConfigError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    height = height or pipe.default_sample_size * pipe.vae_scale_factor
+    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+    original_size = original_size or (height, width)
+    target_size = target_size or (height, width)
+    _check_call(pipe, prompt, prompt_embeds, height, width, tensor_inputs)
+
+    # The pipeline's own properties are read by callbacks; set them as the stock call does.
+    pipe._guidance_scale = guidance_scale
+    pipe._guidance_rescale = guidance_rescale
+    pipe._clip_skip = clip_skip
+    pipe._cross_attention_kwargs = cross_attention_kwargs
+    pipe._denoising_end = denoising_end
+    pipe._interrupt = False
+
+    batch_size = _batch_size(prompt, prompt_embeds)
+    device = pipe._execution_device
+    request = GenerationRequest(
+        prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt,
+        negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, id_images=id_images,
+        id_prompt=id_prompt, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt,
+        height=height, width=width, do_cfg=pipe.do_classifier_free_guidance, clip_skip=clip_skip,
+        lora_scale=(cross_attention_kwargs or {}).get("scale"), device=device,
+        backend_options=backend_options)
+    rows = request.num_rows
+    dual = config.enabled
+    primary_line = Line.SEMANTIC if dual else Line.BASELINE
+    diagnostics: dict[str, Any] = {"backend": backend.name, "enabled": dual, "unet_calls": 0,
+                                   "unet_rows": 0}
+
+    with backend.open_session(pipe, request, config) as session:
+        identity = (session.encoder.encode(id_images, id_prompt or backend.default_id_prompt, request)
+                    if dual else None)
+        primary = session.conditioning(primary_line, identity)
+        id_cond = session.conditioning(Line.ID, identity) if dual and config.use_idaf else None
+
+        timesteps, num_inference_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps,
+                                                            device, timesteps, sigmas)
+        m1 = m2 = None
+        if dual:
+            m1, m2 = config.thresholds(num_inference_steps)
+            diagnostics.update(idaf_start=m1, idap_start=m2)
+        latents = pipe.prepare_latents(rows, pipe.unet.config.in_channels, height, width,
+                                       primary.prompt_embeds.dtype, device, generator, latents)
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
+
+        projection_dim = (int(primary.pooled.shape[-1]) if pipe.text_encoder_2 is None
+                          else pipe.text_encoder_2.config.projection_dim)
+        time_ids = pipe._get_add_time_ids(original_size, crops_coords_top_left, target_size,
+                                          dtype=primary.prompt_embeds.dtype,
+                                          text_encoder_projection_dim=projection_dim)
+        negative_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_time_ids = pipe._get_add_time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                dtype=primary.prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
+
+        def line_tensors(cond: LineConditioning) -> _LineTensors:
+            return cfg_line_tensors(cond, time_ids, negative_time_ids, rows, request.do_cfg, device)
+
+        primary_tensors = line_tensors(primary)
+        primary_tensors_idap = None
+        if dual and config.use_idap:
+            cond_idap, selection = idap_conditioning(primary, identity, config, rows,
+                                                     num_images_per_prompt)
+            primary_tensors_idap = line_tensors(cond_idap)
+            diagnostics["idap_selection"] = selection.cpu()
+        id_tensors = line_tensors(id_cond) if id_cond is not None else None
+        share_before_idap = share_after_idap = False
+        if config.share_negative and id_tensors is not None and request.do_cfg \
+                and session.negative_shareable():
+            share_before_idap = same_negative_rows(primary_tensors, id_tensors, rows)
+            share_after_idap = (primary_tensors_idap is not None
+                                and same_negative_rows(primary_tensors_idap, id_tensors, rows))
+
+        if (denoising_end is not None and isinstance(denoising_end, float)
+                and 0 < denoising_end < 1):
+            train_steps = pipe.scheduler.config.num_train_timesteps
+            cutoff = int(round(train_steps - denoising_end * train_steps))
+            num_inference_steps = len([ts for ts in timesteps if ts >= cutoff])
+            timesteps = timesteps[:num_inference_steps]
+        timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            scale_tensor = torch.tensor(guidance_scale - 1).repeat(rows)
+            timestep_cond = pipe.get_guidance_scale_embedding(
+                scale_tensor, embedding_dim=pipe.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        pipe._num_timesteps = len(timesteps)
+        if hasattr(pipe.scheduler, "set_begin_index"):
+            pipe.scheduler.set_begin_index(0)
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * pipe.scheduler.order, 0)
+        overrides: dict[str, torch.Tensor] = {}
+        fusion_maps, fusion_steps = [], []
+
+        with pipe.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if pipe.interrupt:
+                    continue
+                do_cfg = pipe.do_classifier_free_guidance  # a callback may switch CFG off
+                branches = ("uncond", "cond") if do_cfg else ("cond",)
+                idap_on = primary_tensors_idap is not None and i > m2
+                current = primary_tensors_idap if idap_on else primary_tensors
+                if request.do_cfg and not do_cfg:
+                    current = current.cond_half()
+                add_text_embeds = overrides.get("add_text_embeds", current.text_embeds)
+                add_time_ids = overrides.get("add_time_ids", current.time_ids)
+                prompt_embeds = overrides.get("prompt_embeds", current.embeds)
+
+                latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+                latent_model_input = pipe.scheduler.scale_model_input(latent_model_input, t)
+                batches = [RowBatch(primary_line, i, t, latent_model_input, branches, prompt_embeds,
+                                    add_text_embeds, add_time_ids, timestep_cond,
+                                    pipe.cross_attention_kwargs, primary)]
+                id_active = id_tensors is not None and i > m1
+                share_negative = share_after_idap if idap_on else share_before_idap
+                if id_active:
+                    id_now = id_tensors if do_cfg or not request.do_cfg else id_tensors.cond_half()
+                    if share_negative and do_cfg:
+                        id_now = id_now.cond_half()
+                        batches.append(RowBatch(Line.ID, i, t, latent_model_input[rows:], ("cond",),
+                                                id_now.embeds, id_now.text_embeds, id_now.time_ids,
+                                                timestep_cond, pipe.cross_attention_kwargs, id_cond))
+                    else:
+                        batches.append(RowBatch(Line.ID, i, t, latent_model_input, branches,
+                                                id_now.embeds, id_now.text_embeds, id_now.time_ids,
+                                                timestep_cond, pipe.cross_attention_kwargs, id_cond))
+                predictions = session.predict_noise(batches)
+                diagnostics["unet_calls"] += len(batches)
+                diagnostics["unet_rows"] += sum(b.rows for b in batches)
+
+                noise_pred, cond_sem, uncond_sem = guide(predictions[0], do_cfg, pipe.guidance_scale,
+                                                         pipe.guidance_rescale)
+                if id_active:
+                    id_prediction = predictions[1]
+                    if share_negative and do_cfg:
+                        id_prediction = torch.cat([uncond_sem, id_prediction])
+                    eps_id, cond_id, _ = guide(id_prediction, do_cfg, pipe.guidance_scale,
+                                               pipe.guidance_rescale)
+                    saliency = {}
+                    if config.idaf.saliency == "cfg_delta":
+                        reference = uncond_sem if do_cfg else torch.zeros_like(cond_sem)
+                        saliency = {"saliency_id": pipe.guidance_scale * (cond_id - reference),
+                                    "saliency_sem": pipe.guidance_scale * (cond_sem - reference)}
+                    noise_pred, id_wins = idaf(eps_id, noise_pred, config.idaf, **saliency)
+                    if return_fusion_maps:
+                        fusion_maps.append(id_wins.cpu())
+                        fusion_steps.append(i)
+
+                latents_dtype = latents.dtype
+                latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs,
+                                              return_dict=False)[0]
+                if latents.dtype != latents_dtype and torch.backends.mps.is_available():
+                    latents = latents.to(latents_dtype)
+
+                if callback_on_step_end is not None:
+                    values = {"latents": latents, "prompt_embeds": prompt_embeds,
+                              "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids}
+                    outputs = callback_on_step_end(pipe, i, t, {k: values[k] for k in tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                    for name in ("prompt_embeds", "add_text_embeds", "add_time_ids"):
+                        if name in outputs:
+                            overrides[name] = outputs.pop(name)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps
+                                               and (i + 1) % pipe.scheduler.order == 0):
+                    progress_bar.update()
+                    if callback is not None and callback_steps and i % callback_steps == 0:
+                        callback(i // getattr(pipe.scheduler, "order", 1), t, latents)
+
+    if not torch.isfinite(latents).all():
+        raise NonFiniteError(
+            "the final latents contain NaN or infinity. In float16 this is usually an overflow: "
+            "run the UNet in float32 or bfloat16, lower guidance_scale, or check the checkpoints")
+    image = decode_latents(pipe, latents, output_type)
+    pipe.maybe_free_model_hooks()
+    if return_fusion_maps:
+        diagnostics["fusion_steps"] = fusion_steps
+    if not return_dict:
+        return (image,)
+    maps = torch.stack(fusion_maps) if fusion_maps else None
+    return BeyondFacialPipelineOutput(images=image, fusion_maps=maps,
+                                      fusion_steps=fusion_steps if return_fusion_maps else None,
+                                      diagnostics=diagnostics)

@@ -1,0 +1,220 @@
+"""Test support shipped with the package: the tiny offline pipeline and the conformance kit.
+
+Every backend, built-in or third-party, proves the same contract by subclassing
+``BackendConformance`` in its own test suite::
+
+    from bf_core.testing import BackendConformance
+
+    class TestMyBackend(BackendConformance):
+        backend_name = "my-method"
+
+        def make_pipeline(self):
+            return build_my_tiny_pipeline()      # offline, seconds
+
+        def identity_kwargs(self):
+            return {"id_images": [my_test_image()]}
+
+pytest then runs the checks below against it: baseline parity with the stock pipeline,
+determinism, output shapes, the method on differing from the baseline, and the pipeline
+state restored after a call and after an exception raised inside one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from bf_core.tiny import add_tiny_lora, make_scheduler, tiny_sdxl_pipeline, tiny_tokenizers
+
+__all__ = [
+    "BackendConformance",
+    "add_tiny_lora",
+    "make_scheduler",
+    "pipeline_fingerprint",
+    "tiny_sdxl_pipeline",
+    "tiny_tokenizers",
+]
+
+
+def _scale_repr(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), float(value.double().sum()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_scale_repr(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _scale_repr(v)) for k, v in value.items()))
+    return value
+
+
+_PROCESSOR_STATE = ("scale", "num_tokens", "id_scale", "enabled", "shortcut", "shortcut_scale")
+
+
+def _module_fingerprint(module: torch.nn.Module) -> dict[str, Any]:
+    from bf_core.switching import peft_tuner_layers
+
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+    fingerprint: dict[str, Any] = {
+        "class": type(module).__name__,
+        "training": module.training,
+        "hooks": hooks,
+        "forward_overridden": "forward" in vars(module),
+        "parameters": tuple((name, tuple(p.shape), str(p.dtype), str(p.device), p.requires_grad,
+                             float(p.detach().double().sum()))
+                            for name, p in module.named_parameters()),
+        "peft": tuple((name, bool(layer._disable_adapters),
+                       tuple(getattr(layer, "active_adapters", ()) or ()),
+                       _scale_repr(getattr(layer, "scaling", None)), bool(getattr(layer, "merged", False)))
+                      for name, layer in peft_tuner_layers(module)),
+    }
+    processors = getattr(module, "attn_processors", None)
+    if isinstance(processors, dict):
+        fingerprint["attn_processors"] = tuple(
+            (name, type(proc).__name__, id(proc),
+             tuple((attr, _scale_repr(getattr(proc, attr))) for attr in _PROCESSOR_STATE
+                   if hasattr(proc, attr)))
+            for name, proc in processors.items())
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "encoder_hid_dim_type"):
+        fingerprint["encoder_hid_dim_type"] = config.encoder_hid_dim_type
+        fingerprint["encoder_hid_proj"] = id(getattr(module, "encoder_hid_proj", None))
+    return fingerprint
+
+
+def pipeline_fingerprint(pipe: Any) -> dict[str, Any]:
+    """Everything a wrapped call could leave changed on a pipeline, as comparable values.
+
+    Components (identity, training flag, hooks, parameter shapes/dtypes/devices/sums,
+    ``requires_grad``), PEFT adapter switches and scales, attention processors (identity,
+    class, scales), IP-Adapter projection state, and the scheduler's config.
+    """
+    fingerprint: dict[str, Any] = {}
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            fingerprint[name] = (id(component), _module_fingerprint(component))
+        elif component is not None and name == "scheduler":
+            fingerprint[name] = (id(component), dict(component.config))
+        else:
+            fingerprint[name] = id(component)
+    return fingerprint
+
+
+class _Abort(RuntimeError):
+    """Raised by the conformance kit's callback to interrupt a call mid-loop."""
+
+
+class BackendConformance:
+    """Checks every backend must pass; subclass in a pytest module (see module docstring).
+
+    Subclasses set ``backend_name`` and implement ``make_pipeline`` (a fresh tiny pipeline
+    the backend recognises) and ``identity_kwargs`` (extra call keywords: ``id_images``,
+    ``id_prompt``, backend options). ``stock_kwargs`` gives the keywords under which the
+    plain pipeline reproduces the backend's baseline (method off).
+    """
+
+    backend_name: str = ""
+    prompt = "a person is kneeling by a small lake, touching the water"
+    steps = 6
+    size = 64
+
+    def make_pipeline(self) -> Any:
+        raise NotImplementedError
+
+    def identity_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def stock_kwargs(self) -> dict[str, Any]:
+        """Keywords the stock ``pipe(...)`` needs to equal the baseline (e.g. IP-Adapter images)."""
+        return {}
+
+    def stock_call(self, pipe: Any, **kwargs: Any):
+        """The stock pipeline's call the baseline must equal; override for custom pipelines."""
+        return pipe(**kwargs)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def common_kwargs(self, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+        kwargs = dict(prompt=self.prompt, num_inference_steps=self.steps, height=self.size,
+                      width=self.size, output_type="np",
+                      generator=torch.Generator().manual_seed(seed))
+        kwargs.update(overrides)
+        return kwargs
+
+    def wrapped(self, pipe: Any, **config_fields: Any):
+        import bf_core
+
+        return bf_core.wrap(pipe, backend=self.backend_name, config=bf_core.BFConfig(**config_fields))
+
+    def run_wrapped(self, pipe: Any, seed: int = 0, **config_fields: Any) -> np.ndarray:
+        return self.wrapped(pipe, **config_fields)(**self.common_kwargs(seed),
+                                                    **self.identity_kwargs()).images
+
+    def run_stock(self, pipe: Any, seed: int = 0) -> np.ndarray:
+        return self.stock_call(pipe, **self.common_kwargs(seed), **self.stock_kwargs()).images
+
+    # -- the checks ---------------------------------------------------------------------------
+    def test_backend_recognizes_pipeline(self):
+        import bf_core
+
+        pipe = self.make_pipeline()
+        assert bf_core.wrap(pipe, backend=self.backend_name).backend.name == self.backend_name
+
+    def test_baseline_parity(self):
+        pipe = self.make_pipeline()
+        stock = self.run_stock(pipe)
+        baseline = self.run_wrapped(pipe, enabled=False)
+        np.testing.assert_array_equal(baseline, stock)
+
+    def test_method_on_differs_from_baseline(self):
+        pipe = self.make_pipeline()
+        on = self.run_wrapped(pipe)
+        off = self.run_wrapped(pipe, enabled=False)
+        assert np.isfinite(on).all()
+        assert np.abs(on - off).max() > 1e-4
+
+    def test_deterministic_per_seed(self):
+        pipe = self.make_pipeline()
+        first, again = self.run_wrapped(pipe, seed=3), self.run_wrapped(pipe, seed=3)
+        other = self.run_wrapped(pipe, seed=4)
+        np.testing.assert_array_equal(first, again)
+        assert np.abs(first - other).max() > 1e-4
+
+    def test_output_shapes(self):
+        pipe = self.make_pipeline()
+        bf = self.wrapped(pipe)
+        out = bf(**self.common_kwargs(num_images_per_prompt=2), **self.identity_kwargs(),
+                 return_fusion_maps=True)
+        assert out.images.shape == (2, self.size, self.size, 3)
+        latent = self.size // pipe.vae_scale_factor
+        assert out.fusion_maps.dtype == torch.bool
+        assert tuple(out.fusion_maps.shape[1:]) == (2, 1, latent, latent)
+        pil = bf(**self.common_kwargs(output_type="pil"), **self.identity_kwargs()).images
+        assert len(pil) == 1 and pil[0].size == (self.size, self.size)
+
+    def test_state_restored_after_call(self):
+        pipe = self.make_pipeline()
+        before_images = self.run_stock(pipe)
+        before = pipeline_fingerprint(pipe)
+        self.run_wrapped(pipe)
+        assert pipeline_fingerprint(pipe) == before
+        np.testing.assert_array_equal(self.run_stock(pipe), before_images)
+
+    def test_state_restored_after_exception(self):
+        pipe = self.make_pipeline()
+        before_images = self.run_stock(pipe)
+        before = pipeline_fingerprint(pipe)
+
+        def abort_late(pipeline, step, timestep, tensors):
+            if step >= self.steps - 2:  # after the ID line has started
+                raise _Abort("forced failure inside the loop")
+            return tensors
+
+        bf = self.wrapped(pipe)
+        try:
+            bf(**self.common_kwargs(), **self.identity_kwargs(), callback_on_step_end=abort_late)
+        except _Abort:
+            pass
+        else:
+            raise AssertionError("the callback's exception did not propagate")
+        assert pipeline_fingerprint(pipe) == before
+        np.testing.assert_array_equal(self.run_stock(pipe), before_images)
