@@ -1,0 +1,318 @@
+"""The ``beyondfacial`` command: generate, backends, env, demo.
+
+Only the standard library is imported at module level, so ``beyondfacial --help`` answers
+at once; torch and diffusers load inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_PROMPT = "a person is kneeling by a small lake, touching the water gently and looking into the camera"
+REAL_WEIGHTS_HINT = (
+    "To run with real weights: beyondfacial generate --backend dreambooth "
+    "--base-model stabilityai/stable-diffusion-xl-base-1.0 --checkpoint my_character_lora.safetensors "
+    "--id-prompt \"a photo of sks person\" --prompt \"...\" (README.md, 'Real weights').")
+
+
+# -- argument helpers -------------------------------------------------------------------------
+def _threshold(text: str) -> int | float:
+    """'10' is a step index, '0.2' a fraction of the step count."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an int step index or a fraction, got {text!r}") from exc
+
+
+def _temperature(text: str) -> float | str:
+    return text if text == "sqrt_d" else float(text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every knob of BFConfig, IdAFConfig and IdAPConfig as an option (defaults: the paper's)."""
+    group = parser.add_argument_group("BeyondFacial settings (defaults: the paper's)")
+    group.add_argument("--disable", action="store_true", help="method off: the backend's stock algorithm")
+    group.add_argument("--idaf-start", type=_threshold, default=0.2, help="M1: step index or fraction")
+    group.add_argument("--idap-start", type=_threshold, default=0.3, help="M2: step index or fraction")
+    group.add_argument("--no-idaf", action="store_true", help="ablation: never run the ID line")
+    group.add_argument("--no-idap", action="store_true", help="ablation: never prepend ID tokens")
+    group.add_argument("--lambda-id", type=float, default=5.0)
+    group.add_argument("--lambda-sem", type=float, default=1.0)
+    group.add_argument("--lambda-mode", choices=("temperature", "weight"), default="temperature")
+    group.add_argument("--smoothing", choices=("avgpool", "downup", "none"), default="avgpool")
+    group.add_argument("--smooth-kernel", type=int, default=4)
+    group.add_argument("--saliency", choices=("guided", "cfg_delta"), default="guided")
+    group.add_argument("--idap-tokens", type=int, default=8, help="K")
+    group.add_argument("--idap-seed", type=int, default=0)
+    group.add_argument("--idap-temperature", type=_temperature, default=None)
+    group.add_argument("--idap-negative", choices=("aggregate", "zeros"), default="aggregate")
+    group.add_argument("--idap-query-file", default=None)
+    group.add_argument("--semantic-adapters", choices=("off", "on"), default="off")
+    group.add_argument("--share-negative", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace):
+    from bf_core.config import BFConfig, IdAFConfig, IdAPConfig
+
+    return BFConfig(
+        enabled=not args.disable, idaf_start=args.idaf_start, idap_start=args.idap_start,
+        use_idaf=not args.no_idaf, use_idap=not args.no_idap,
+        idaf=IdAFConfig(lambda_id=args.lambda_id, lambda_sem=args.lambda_sem,
+                        lambda_mode=args.lambda_mode, smoothing=args.smoothing,
+                        smooth_kernel=args.smooth_kernel, saliency=args.saliency),
+        idap=IdAPConfig(num_tokens=args.idap_tokens, seed=args.idap_seed,
+                        temperature=args.idap_temperature, negative=args.idap_negative,
+                        query_file=args.idap_query_file),
+        semantic_adapters=args.semantic_adapters, share_negative=args.share_negative)
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    names = ("beyondfacial", "torch", "diffusers", "transformers", "peft", "accelerate",
+             "safetensors", "pluggy", "insightface", "onnxruntime", "onnxruntime-gpu")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise SystemExit(f"error: would overwrite {', '.join(existing)}; choose another --out "
+                         "folder or pass --overwrite")
+
+
+def _save_image(image, path: Path) -> None:
+    """Write via a temporary file so an interrupted run never leaves a half-written image."""
+    tmp = path.with_name(path.name + ".partial")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_backends(args: argparse.Namespace) -> int:
+    from bf_core.plugins import get_registry
+
+    registry = get_registry()
+    backends = registry.backends()
+    listing = []
+    for name, backend in sorted(backends.items()):
+        plugin = registry.backend_plugin(name)
+        record = next((p for p in registry.plugins if p.name == plugin), None)
+        listing.append({
+            "name": name, "status": "loaded", "plugin": plugin,
+            "package": record.distribution if record else None,
+            "version": record.version if record else None,
+            "priority": getattr(backend, "priority", 0),
+            "recognizes": getattr(backend, "recognizes_description", None),
+            "default_id_prompt": getattr(backend, "default_id_prompt", None),
+        })
+    for record in registry.plugins:
+        if record.status != "loaded":
+            listing.append({"name": record.name, "status": record.status, "plugin": record.name,
+                            "package": record.distribution, "version": record.version,
+                            "error": record.error})
+    print(json.dumps(listing, indent=2))
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                            "versions": _versions()}
+    try:
+        import torch
+
+        info["devices"] = {
+            "cuda_available": torch.cuda.is_available(),
+            "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "mps_available": bool(getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()),
+            "cpu_threads": torch.get_num_threads(),
+        }
+    except ImportError:
+        info["devices"] = None
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _run_and_save(bf, args, config, out: Path, call_kwargs: dict[str, Any], seeds: list[int],
+                  stem: str) -> list[Path]:
+    import dataclasses
+
+    import torch
+
+    from bf_core.visualize import render_fusion_strip
+
+    written = []
+    for seed in seeds:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        result = bf(**call_kwargs, generator=generator, return_fusion_maps=config.enabled,
+                    output_type="pil")
+        for index, image in enumerate(result.images):
+            path = out / f"{stem}_seed{seed}_{index}.png"
+            _save_image(image, path)
+            written.append(path)
+            if result.fusion_maps is not None:
+                strip = render_fusion_strip(result.fusion_maps, result.fusion_steps, sample=index,
+                                            image=image)
+                strip_path = out / f"{stem}_seed{seed}_{index}_fusion.png"
+                _save_image(strip, strip_path)
+                written.append(strip_path)
+    settings = {"backend": bf.backend.name, "seeds": seeds, "config": dataclasses.asdict(config),
+                "call": {k: v for k, v in call_kwargs.items() if k != "id_images"},
+                "id_images": [str(p) for p in call_kwargs.get("id_images") or []],
+                "versions": _versions(), "files": [p.name for p in written]}
+    settings_path = out / f"{stem}_settings.json"
+    _write_json(settings, settings_path)
+    written.append(settings_path)
+    return written
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import bf_core
+    from bf_core.plugins import get_registry
+
+    config = config_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name
+    _refuse_overwrite([out / f"{stem}_seed{s}_0.png" for s in args.seed]
+                      + [out / f"{stem}_settings.json"], args.overwrite)
+    backend = get_registry().get_backend(args.backend)
+    if args.tiny:
+        from bf_core.tiny import add_tiny_lora, tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline(seed=0)
+        if args.backend == "dreambooth":
+            add_tiny_lora(pipe)
+    else:
+        if not args.base_model:
+            raise SystemExit("error: --base-model is required (a local diffusers SDXL folder or a "
+                             "hub id), or pass --tiny for the offline tiny pipeline")
+        if not hasattr(backend, "from_pretrained"):
+            raise SystemExit(f"error: backend {args.backend!r} cannot build pipelines from paths; "
+                             "wrap your own pipeline from Python with bf_core.wrap(pipe)")
+        import torch
+
+        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float32": torch.float32}[args.dtype]
+        pipe = backend.from_pretrained(args.base_model, args.checkpoint, torch_dtype=dtype,
+                                       device=args.device)
+    pipe.set_progress_bar_config(disable=False)
+    bf = bf_core.wrap(pipe, backend=args.backend, config=config)
+    call_kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                       id_prompt=args.id_prompt, id_images=args.id_image or None,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                       height=args.height, width=args.width,
+                       num_images_per_prompt=args.num_images)
+    written = _run_and_save(bf, args, config, out, call_kwargs, args.seed, stem)
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import bf_core
+    from bf_core.tiny import add_tiny_lora, tiny_sdxl_pipeline
+    from bf_core.visualize import contact_sheet
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _refuse_overwrite([out / "demo_seed0_0.png", out / "demo_settings.json"], args.overwrite)
+    print("beyondfacial demo: a TINY SDXL pipeline with RANDOM weights, built offline. The pictures "
+          "are noise-like by design; they show the machinery (two lines, fusion maps), not quality.")
+    pipe = tiny_sdxl_pipeline(seed=0)
+    add_tiny_lora(pipe, adapter_name="identity")
+    pipe.set_progress_bar_config(disable=False, desc="beyondfacial demo")
+    config = bf_core.BFConfig()
+    bf = bf_core.wrap(pipe, backend="dreambooth", config=config)
+    call_kwargs = dict(prompt=DEMO_PROMPT, id_prompt="a photo of sks person",
+                       num_inference_steps=args.steps, height=args.size, width=args.size)
+    written = _run_and_save(bf, args, config, out, call_kwargs, [args.seed], "demo")
+    baseline = bf.with_config(enabled=False)(**call_kwargs, output_type="pil",
+                                             generator=__import__("torch").Generator().manual_seed(args.seed))
+    from PIL import Image
+
+    method_image = Image.open(out / f"demo_seed{args.seed}_0.png")
+    sheet = contact_sheet([baseline.images[0], method_image], ["baseline", "BeyondFacial"],
+                          columns=2, cell=256)
+    comparison = out / "demo_comparison.png"
+    _save_image(sheet, comparison)
+    written.append(comparison)
+    print("wrote:\n  " + "\n  ".join(str(p) for p in written))
+    print(REAL_WEIGHTS_HINT)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beyondfacial",
+        description="Identity-preserving SDXL generation of whole people in whole scenes "
+                    "(Dual-Line Inference with IdAF and IdAP).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images with a backend and write them with "
+                                          "their fusion maps and exact settings")
+    gen.add_argument("--backend", default="dreambooth", help="see `beyondfacial backends`")
+    gen.add_argument("--base-model", help="diffusers SDXL folder or hub id")
+    gen.add_argument("--checkpoint", help="the identity method's checkpoint (path or id)")
+    gen.add_argument("--tiny", action="store_true", help="use the offline tiny random pipeline")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--id-prompt", default=None, help="P_id; default: the backend's")
+    gen.add_argument("--id-image", action="append", help="reference image (repeatable)")
+    gen.add_argument("--seed", type=int, action="append", help="repeatable; default 0")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt and seed")
+    gen.add_argument("--device", default=None, help="cuda, cpu, mps (default: where it loads)")
+    gen.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    gen.add_argument("--out", default="outputs")
+    gen.add_argument("--name", default="image", help="file-name stem")
+    gen.add_argument("--overwrite", action="store_true")
+    add_config_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    backends = sub.add_parser("backends", help="list installed backends and plugins as JSON")
+    backends.set_defaults(func=cmd_backends)
+    env = sub.add_parser("env", help="library versions and devices as JSON")
+    env.set_defaults(func=cmd_env)
+
+    demo = sub.add_parser("demo", help="a tiny offline run: image, fusion maps, comparison")
+    demo.add_argument("--out", default="beyondfacial-demo")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "seed", None) is None and args.command == "generate":
+        args.seed = [0]
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
