@@ -1,0 +1,212 @@
+"""Load the official PuLID SDXL checkpoints (``pulid_v1.bin``, ``pulid_v1.1.safetensors``).
+
+An official file is one flat state dict whose keys start with ``id_adapter.`` (the ID
+encoder: v1 ``IDEncoder`` or v1.1 ``IDFormer``) or ``id_adapter_attn_layers.`` (the ID
+projections of the attention processors, numbered by position in
+``unet.attn_processors``). Like the official loader, keys are split at the first dot and
+each group is loaded strictly; unlike it, every problem is a ``CheckpointError`` that
+names the keys, the version or what kind of file it really is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bf_backends.pulid.attention import (
+    PuLIDAttentionInstallation,
+    PuLIDAttentionState,
+    install_pulid_attention,
+    pulid_attention_shapes,
+)
+from bf_backends.pulid.encoder import EncoderConfig, IDEncoder, IDFormer, build_encoder
+from bf_core.checkpoints import (
+    check_state_dict,
+    expected_shapes,
+    load_state_dict_file,
+    load_strict,
+)
+from bf_core.errors import CheckpointError
+
+ENCODER_PREFIX = "id_adapter"
+ATTENTION_PREFIX = "id_adapter_attn_layers"
+VERSIONS = ("v1", "v1.1")
+# Keys that only one version's encoder has (pulid.md 2.1).
+_V1_MARKER = "body.0.weight"
+_V11_MARKER = "latents"
+
+
+@dataclass
+class PuLIDWeights:
+    """The two groups of an official PuLID file, prefixes removed."""
+
+    version: str
+    """"v1" or "v1.1", detected from the encoder keys."""
+    encoder: dict[str, torch.Tensor]
+    """``id_adapter.`` keys without the prefix."""
+    attention: dict[str, torch.Tensor]
+    """``id_adapter_attn_layers.`` keys without the prefix, e.g. ``"1.id_to_k.weight"``."""
+
+
+@dataclass
+class LoadedPuLID:
+    """What :func:`load_pulid` built: the encoder and the installed ID processors."""
+
+    version: str
+    encoder: IDEncoder | IDFormer
+    attention: PuLIDAttentionInstallation
+
+
+def _top_level_prefixes(keys) -> list[str]:
+    return sorted({str(key).split(".", 1)[0] for key in keys})
+
+
+def describe_foreign_checkpoint(state_dict: Mapping) -> str:
+    """A sentence saying what a non-PuLID checkpoint looks like, from its keys alone."""
+    keys = [str(key) for key in state_dict]
+    top = set(keys)
+    prefixes = set(_top_level_prefixes(keys))
+    if {"image_proj", "ip_adapter"} <= top:
+        return ("it looks like an IP-Adapter or InstantID adapter (a .bin with 'image_proj' "
+                "and 'ip_adapter' sub-dicts); load it with the IP-Adapter or InstantID backend")
+    if "id_encoder" in top:
+        return ("it looks like a PhotoMaker checkpoint ('id_encoder' / 'lora_weights'); load it "
+                "with the PhotoMaker backend")
+    if {"image_proj", "ip_adapter"} <= prefixes:
+        if any(".to_k_ip." in key for key in keys) and any(
+                key.startswith(("image_proj.body.", "image_proj.latents")) for key in keys):
+            return ("it looks like the community re-keyed PuLID format "
+                    "('ip-adapter_pulid_sdxl', used by ComfyUI / A1111), which this loader "
+                    "does not read; use the official pulid_v1.bin or pulid_v1.1.safetensors")
+        return ("it looks like a flat IP-Adapter file ('image_proj.' / 'ip_adapter.' keys); "
+                "load it with the IP-Adapter backend")
+    if "visual" in prefixes or any(".attn.q_proj." in key for key in keys):
+        return ("it looks like EVA-CLIP vision weights, the image encoder PuLID uses, not the "
+                "PuLID adapter itself")
+    if any("controlnet_cond_embedding" in key for key in keys):
+        return "it looks like a ControlNet (e.g. InstantID's IdentityNet)"
+    if prefixes & {"down_blocks", "up_blocks", "mid_block", "model", "conv_in"}:
+        return "it looks like UNet or whole-model weights, not a PuLID adapter"
+    shown = ", ".join(sorted(prefixes)[:8]) or "none"
+    return f"its top-level key prefixes are: {shown}"
+
+
+def _flat_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict, str]:
+    if isinstance(source, Mapping):
+        state_dict, where = dict(source), "the given state dict"
+    else:
+        state_dict, where = load_state_dict_file(source), str(source)
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{where} holds a {type(state_dict).__name__}, not a state dict; "
+                              "expected the official PuLID file (pulid_v1.bin or "
+                              "pulid_v1.1.safetensors).")
+    nested = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if nested:
+        raise CheckpointError(f"{where} is not a PuLID checkpoint: "
+                              f"{describe_foreign_checkpoint(state_dict)}.")
+    return dict(state_dict), where
+
+
+def split_at_first_dot(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    """``{"a.b.c": t}`` -> ``{"a": {"b.c": t}}`` (the official loader's grouping)."""
+    groups: dict[str, dict] = {}
+    for key, value in state_dict.items():
+        prefix, _, rest = key.partition(".")
+        groups.setdefault(prefix, {})[rest] = value
+    return groups
+
+
+def detect_pulid_version(encoder_state: Mapping[str, torch.Tensor]) -> str | None:
+    """"v1" (has ``body.0.weight``), "v1.1" (has ``latents``) or None if neither/both."""
+    is_v1, is_v11 = _V1_MARKER in encoder_state, _V11_MARKER in encoder_state
+    if is_v1 == is_v11:
+        return None
+    return "v1" if is_v1 else "v1.1"
+
+
+def read_pulid_weights(source: str | os.PathLike | Mapping[str, torch.Tensor],
+                       version: str | None = None) -> PuLIDWeights:
+    """Read a PuLID file (or a flat state dict), split it, and detect its version.
+
+    ``version`` ("v1" / "v1.1"), when given, must match the file. ``.bin`` files are read
+    with ``torch.load(weights_only=True)``. Raises ``CheckpointError`` naming the problem.
+    """
+    if version is not None and version not in VERSIONS:
+        raise CheckpointError(f"PuLID version must be one of {VERSIONS} or None (detect), got "
+                              f"{version!r}.")
+    state_dict, where = _flat_state_dict(source)
+    groups = split_at_first_dot(state_dict)
+    if ENCODER_PREFIX not in groups and ATTENTION_PREFIX not in groups:
+        raise CheckpointError(f"{where} is not a PuLID checkpoint (no 'id_adapter.' or "
+                              f"'id_adapter_attn_layers.' keys): "
+                              f"{describe_foreign_checkpoint(state_dict)}.")
+    unknown = sorted(set(groups) - {ENCODER_PREFIX, ATTENTION_PREFIX})
+    if unknown:
+        raise CheckpointError(f"{where} has keys outside 'id_adapter.' and "
+                              f"'id_adapter_attn_layers.' (prefixes {unknown}); an official "
+                              "PuLID file has only those two groups. Remove the extra keys.")
+    for prefix in (ENCODER_PREFIX, ATTENTION_PREFIX):
+        if prefix not in groups:
+            raise CheckpointError(f"{where} has no '{prefix}.' keys; an official PuLID file "
+                                  "holds both the ID encoder and the attention layers. The file "
+                                  "may be incomplete: download it again.")
+    detected = detect_pulid_version(groups[ENCODER_PREFIX])
+    if detected is None:
+        raise CheckpointError(f"{where}: cannot tell the PuLID version; the 'id_adapter.' keys "
+                              f"must contain exactly one of '{_V1_MARKER}' (v1 IDEncoder) and "
+                              f"'{_V11_MARKER}' (v1.1 IDFormer).")
+    if version is not None and version != detected:
+        raise CheckpointError(f"{where} is a PuLID {detected} checkpoint but version "
+                              f"{version!r} was requested; pass version={detected!r} or None, or "
+                              f"use the {version} file.")
+    return PuLIDWeights(detected, groups[ENCODER_PREFIX], groups[ATTENTION_PREFIX])
+
+
+def _unet_device(unet: nn.Module) -> torch.device:
+    return next(unet.parameters()).device
+
+
+def check_unet_fits(weights: PuLIDWeights, unet: nn.Module) -> None:
+    """Raise ``CheckpointError`` unless the ID layers of ``weights`` fit ``unet``'s layers."""
+    expected = pulid_attention_shapes(unet)
+    context = {shape[1] for shape in expected.values()}
+    try:
+        check_state_dict(weights.attention, expected,
+                         f"PuLID {weights.version} id_adapter_attn_layers")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} This UNet has {len(expected) // 2} cross-attention layers "
+                              f"with context width {sorted(context)}; the official PuLID files "
+                              "need an SDXL UNet (70 layers, width 2048).") from exc
+
+
+def load_pulid(source: str | os.PathLike | Mapping[str, torch.Tensor], unet: nn.Module, *,
+               version: str | None = None, encoder_config: EncoderConfig | None = None,
+               state: PuLIDAttentionState | None = None) -> LoadedPuLID:
+    """Build the encoder, install ID processors in ``unet`` and load both strictly.
+
+    ``encoder_config`` defaults to the official sizes of the detected version; tests pass a
+    tiny one. The encoder and the ID projections are float32 on the UNet's device (on the
+    meta device for a meta UNet). On any error the UNet's processors are left untouched.
+    """
+    weights = read_pulid_weights(source, version)
+    check_unet_fits(weights, unet)
+    what = f"PuLID {weights.version} ID encoder (id_adapter.)"
+    # Check the layout on the meta device first: a mismatch costs no real allocation.
+    with torch.device("meta"):
+        check_state_dict(weights.encoder, expected_shapes(build_encoder(weights.version,
+                                                                        encoder_config)), what)
+    with torch.device(_unet_device(unet)):
+        encoder = build_encoder(weights.version, encoder_config)
+    load_strict(encoder, weights.encoder, what)
+    installation = install_pulid_attention(unet, state)
+    try:
+        load_strict(installation.numbered_layers(), weights.attention,
+                    f"PuLID {weights.version} id_adapter_attn_layers")
+    except BaseException:
+        installation.uninstall()
+        raise
+    return LoadedPuLID(weights.version, encoder.eval(), installation)
