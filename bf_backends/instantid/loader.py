@@ -1,0 +1,365 @@
+"""Loading the official InstantID checkpoints into plain diffusers objects.
+
+* ``ip-adapter.bin``: a ``{"image_proj": Resampler, "ip_adapter": to_k_ip/to_v_ip}`` pickle.
+  It is checked strictly against the UNet it goes into (every key and shape, named errors),
+  then handed to diffusers' own ``load_ip_adapter``, which builds an
+  ``IPAdapterPlusImageProjection`` (the same function as the official Resampler) and 70
+  ``IPAdapterAttnProcessor2_0`` on an SDXL UNet.
+* IdentityNet: a stock SDXL ``ControlNetModel``, read from a diffusers folder or a single
+  ``.safetensors`` file with the published config, loaded strictly.
+
+A file of another identity method is refused with a message saying what it looks like.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from bf_core.checkpoints import check_state_dict, expected_shapes, load_state_dict_file
+from bf_core.errors import CheckpointError, ConfigError
+
+FACE_EMBEDDING_DIM = 512  # raw antelopev2 (glintr100) embedding, not L2-normalised
+ID_TOKEN_COUNT = 16  # Resampler queries = ID tokens per face set
+RESAMPLER_WIDTH = 1280
+RESAMPLER_DEPTH = 4  # diffusers' converter always builds depth 4, as InstantID uses
+RESAMPLER_HEAD_DIM = 64
+RESAMPLER_FF_MULT = 4
+DEFAULT_IP_SCALE = 0.8  # what every official script passes (diffusers would start at 1.0)
+
+_WEIGHT_FILE_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+
+# ControlNetModel/config.json of the published IdentityNet (see the checkpoint manifest).
+_IDENTITYNET_CONFIG = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "class_embed_type": None,
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "global_pool_conditions": False,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_time_scale_shift": "default",
+    "transformer_layers_per_block": [1, 2, 10],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+
+# --------------------------------------------------------------------------- key layouts
+
+
+def resampler_shapes(
+    embedding_dim: int = FACE_EMBEDDING_DIM,
+    hidden_dim: int = RESAMPLER_WIDTH,
+    output_dim: int = 2048,
+    num_queries: int = ID_TOKEN_COUNT,
+    depth: int = RESAMPLER_DEPTH,
+    ff_mult: int = RESAMPLER_FF_MULT,
+) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the official Resampler's state dict (the ``image_proj`` part).
+
+    Heads are 64 wide and the attention inner width equals ``hidden_dim`` (InstantID: 20
+    heads x 64 = 1280). Defaults are the published InstantID file for SDXL.
+    """
+    shapes: dict[str, tuple[int, ...]] = {
+        "latents": (1, num_queries, hidden_dim),
+        "proj_in.weight": (hidden_dim, embedding_dim),
+        "proj_in.bias": (hidden_dim,),
+        "proj_out.weight": (output_dim, hidden_dim),
+        "proj_out.bias": (output_dim,),
+        "norm_out.weight": (output_dim,),
+        "norm_out.bias": (output_dim,),
+    }
+    for i in range(depth):
+        attention, feed_forward = f"layers.{i}.0", f"layers.{i}.1"
+        for norm in ("norm1", "norm2"):
+            shapes[f"{attention}.{norm}.weight"] = (hidden_dim,)
+            shapes[f"{attention}.{norm}.bias"] = (hidden_dim,)
+        shapes[f"{attention}.to_q.weight"] = (hidden_dim, hidden_dim)
+        shapes[f"{attention}.to_kv.weight"] = (2 * hidden_dim, hidden_dim)
+        shapes[f"{attention}.to_out.weight"] = (hidden_dim, hidden_dim)
+        shapes[f"{feed_forward}.0.weight"] = (hidden_dim,)
+        shapes[f"{feed_forward}.0.bias"] = (hidden_dim,)
+        shapes[f"{feed_forward}.1.weight"] = (ff_mult * hidden_dim, hidden_dim)
+        shapes[f"{feed_forward}.3.weight"] = (hidden_dim, ff_mult * hidden_dim)
+    return shapes
+
+
+def cross_attention_numbering(unet) -> dict[int, str]:
+    """``{k: attention module path}`` for every cross-attention layer of the UNet body.
+
+    k is the 0-based position of the layer's processor in ``unet.attn_processors``, the
+    number the official loader gives it (it loads ``ip_adapter`` into
+    ``ModuleList(attn_processors.values())``). Processors of an IP projection attached to
+    ``unet.encoder_hid_proj`` are skipped, as diffusers' loader does, because they are not
+    part of the numbered UNet body. SDXL: k = 1, 3, ..., 139.
+    """
+    body = [name for name in unet.attn_processors if not name.startswith("encoder_hid_proj.")]
+    return {k: name[: -len(".processor")] for k, name in enumerate(body)
+            if not name.endswith("attn1.processor")}
+
+
+def ip_adapter_shapes(unet) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the ``ip_adapter`` part that fits ``unet``.
+
+    ``"{k}.to_k_ip.weight"`` and ``"{k}.to_v_ip.weight"``, shape (layer width,
+    ``unet.config.cross_attention_dim``), for every k of ``cross_attention_numbering``.
+    """
+    context_dim = unet.config.cross_attention_dim
+    shapes = {}
+    for k, path in cross_attention_numbering(unet).items():
+        width = unet.get_submodule(path).to_q.in_features
+        shapes[f"{k}.to_k_ip.weight"] = (width, context_dim)
+        shapes[f"{k}.to_v_ip.weight"] = (width, context_dim)
+    return shapes
+
+
+def config_for_identitynet() -> dict:
+    """The ``ControlNetModel`` config of the published IdentityNet (a fresh copy)."""
+    return copy.deepcopy(_IDENTITYNET_CONFIG)
+
+
+# --------------------------------------------------------------------------- recognition
+
+
+def _first_keys(state: Mapping, count: int = 4) -> str:
+    return ", ".join(list(map(str, state))[:count])
+
+
+def _describe_image_proj(image_proj: Mapping) -> str:
+    if "latents" in image_proj and "proj_in.weight" in image_proj:
+        in_width = tuple(image_proj["proj_in.weight"].shape)[1]
+        queries = tuple(image_proj["latents"].shape)[1]
+        if in_width == FACE_EMBEDDING_DIM and queries == ID_TOKEN_COUNT:
+            return "an InstantID ip-adapter file (Resampler from a 512-wide face embedding)"
+        return (f"an IP-Adapter Plus file (Resampler over {in_width}-wide CLIP image features, "
+                f"{queries} tokens)")
+    if "perceiver_resampler.proj_in.weight" in image_proj:
+        return "an IP-Adapter FaceID-Plus file"
+    if "proj.3.weight" in image_proj:
+        return "an IP-Adapter Full-face file"
+    if "proj.weight" in image_proj:
+        return "a plain IP-Adapter file (one global CLIP image embedding)"
+    if "norm.weight" in image_proj:
+        return "an IP-Adapter FaceID file"
+    return f"an IP-Adapter-style file with an unknown image projection ({_first_keys(image_proj)})"
+
+
+def describe_checkpoint(state: Mapping) -> str:
+    """A short human description of what a loaded checkpoint object looks like."""
+    if not isinstance(state, Mapping) or not state:
+        return f"not a state dict (a {type(state).__name__})"
+    keys = [str(k) for k in state]
+    if "image_proj" in state and isinstance(state["image_proj"], Mapping):
+        return _describe_image_proj(state["image_proj"])
+    if "id_encoder" in state:
+        version = "V2" if any("qformer_perceiver" in k for k in state["id_encoder"]) else "V1"
+        return f"a PhotoMaker {version} file (id_encoder + lora_weights)"
+    if any(k.startswith(("id_adapter.", "id_adapter_attn_layers.")) for k in keys):
+        return "a PuLID file (id_adapter / id_adapter_attn_layers)"
+    if any(k.startswith("image_proj.") for k in keys):
+        inner = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
+        return _describe_image_proj(inner) + " in the flat safetensors layout"
+    if any("controlnet_cond_embedding" in k for k in keys):
+        return "a diffusers ControlNet"
+    if any(k.startswith("control_model.") for k in keys):
+        return "an original-format (non-diffusers) ControlNet"
+    if any("lora" in k.lower() for k in keys):
+        return "a LoRA file"
+    if "conv_in.weight" in state and any(k.startswith("up_blocks.") for k in keys):
+        return "a diffusers UNet"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "a full original-format Stable Diffusion checkpoint"
+    if any(k.startswith(("encoder.down_blocks", "decoder.up_blocks")) for k in keys):
+        return "a VAE"
+    if any(k.startswith(("text_model.", "vision_model.")) for k in keys):
+        return "a CLIP encoder"
+    return f"an unrecognised state dict with {len(keys)} entries ({_first_keys(state)}, ...)"
+
+
+# --------------------------------------------------------------------------- ip-adapter.bin
+
+
+def read_instantid_adapter(source) -> dict[str, dict[str, torch.Tensor]]:
+    """Read ``ip-adapter.bin`` (or a flat ``.safetensors`` / an in-memory dict) into two parts.
+
+    Returns ``{"image_proj": {...}, "ip_adapter": {...}}``. Pickles are read with
+    ``weights_only=True``. A flat dict with ``image_proj.`` / ``ip_adapter.`` prefixes is
+    split. Anything that is not an InstantID adapter raises ``CheckpointError`` saying what
+    the file looks like.
+    """
+    where = "the given state dict" if isinstance(source, Mapping) else str(source)
+    state = source if isinstance(source, Mapping) else load_state_dict_file(source)
+    if isinstance(state, Mapping) and "image_proj" not in state and any(
+            str(k).startswith("image_proj.") for k in state):
+        parts: dict[str, dict] = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in state.items():
+            part, _, rest = str(key).partition(".")
+            parts.setdefault(part, {})[rest] = value
+        state = parts
+    looks_like = describe_checkpoint(state)
+    has_parts = isinstance(state, Mapping) and all(
+        isinstance(state.get(part), Mapping) for part in ("image_proj", "ip_adapter"))
+    if not has_parts or not looks_like.startswith("an InstantID"):
+        raise CheckpointError(
+            f"{where} is not an InstantID ip-adapter file: it looks like {looks_like}. "
+            "Pass InstantX/InstantID's ip-adapter.bin, which holds 'image_proj' (a Resampler "
+            "from a 512-wide face embedding to 16 tokens) and 'ip_adapter'.")
+    return {"image_proj": dict(state["image_proj"]), "ip_adapter": dict(state["ip_adapter"])}
+
+
+def check_instantid_adapter(state: Mapping[str, Mapping[str, torch.Tensor]], unet) -> None:
+    """Strict key-and-shape check of both parts against what ``unet`` needs.
+
+    The Resampler width is read from ``latents`` (1280 in the published file); everything
+    else is fixed by InstantID (512 in, 16 queries, depth 4, 64-wide heads) and by the
+    UNet (output width = ``cross_attention_dim``; one to_k_ip/to_v_ip pair per
+    cross-attention layer). Raises ``CheckpointError`` naming missing, unexpected and
+    mis-shaped keys.
+    """
+    image_proj = state["image_proj"]
+    latents = image_proj.get("latents")
+    hidden_dim = tuple(latents.shape)[-1] if latents is not None else RESAMPLER_WIDTH
+    if hidden_dim % RESAMPLER_HEAD_DIM:
+        raise CheckpointError(
+            f"InstantID image_proj: latents width {hidden_dim} is not a multiple of the "
+            f"{RESAMPLER_HEAD_DIM}-wide heads; the file is damaged or of another method.")
+    output_dim = unet.config.cross_attention_dim
+    check_state_dict(image_proj, resampler_shapes(output_dim=output_dim, hidden_dim=hidden_dim),
+                     f"InstantID image_proj (Resampler for a UNet of context width {output_dim})")
+    check_state_dict(state["ip_adapter"], ip_adapter_shapes(unet),
+                     "InstantID ip_adapter (to_k_ip/to_v_ip per cross-attention layer)")
+
+
+def find_instantid_projection(unet):
+    """The diffusers-native InstantID Resampler installed on ``unet``, or ``None``.
+
+    Recognised as ``unet.encoder_hid_proj.image_projection_layers[0]`` being an
+    ``IPAdapterPlusImageProjection`` with a 512-wide ``proj_in`` and 16 queries.
+    """
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    layers = getattr(getattr(unet, "encoder_hid_proj", None), "image_projection_layers", None)
+    if not layers:
+        return None
+    projection = layers[0]
+    if (isinstance(projection, IPAdapterPlusImageProjection)
+            and projection.proj_in.in_features == FACE_EMBEDDING_DIM
+            and projection.latents.shape[1] == ID_TOKEN_COUNT):
+        return projection
+    return None
+
+
+def load_instantid_adapter(pipe, source, scale: float = DEFAULT_IP_SCALE,
+                           low_cpu_mem_usage: bool | None = None):
+    """Load ``ip-adapter.bin`` into a diffusers SDXL pipeline through ``pipe.load_ip_adapter``.
+
+    ``source`` is a path or an already-read dict. The file is checked strictly against
+    ``pipe.unet`` first, so a wrong file fails with named keys rather than inside diffusers.
+    Afterwards the UNet carries the Resampler as ``encoder_hid_proj`` and 70 IP processors,
+    with every scale set to ``scale`` (the official scripts use 0.8). Returns the projection
+    module (``find_instantid_projection(pipe.unet)``).
+    """
+    if not hasattr(pipe, "load_ip_adapter"):
+        raise ConfigError(f"{type(pipe).__name__} has no load_ip_adapter method; pass a diffusers "
+                          "SDXL pipeline (StableDiffusionXLPipeline or a ControlNet variant).")
+    if getattr(pipe.unet, "encoder_hid_proj", None) is not None:
+        raise ConfigError(
+            "the pipeline's UNet already has an IP-Adapter (or other image projection) loaded; "
+            "InstantID and diffusers IP-Adapters do not stack. Call pipe.unload_ip_adapter() "
+            "first.")
+    state = read_instantid_adapter(source)
+    check_instantid_adapter(state, pipe.unet)
+    kwargs = {} if low_cpu_mem_usage is None else {"low_cpu_mem_usage": low_cpu_mem_usage}
+    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None, **kwargs)
+    projection = find_instantid_projection(pipe.unet)
+    if projection is None:  # diffusers changed how it recognises the Resampler
+        raise CheckpointError(
+            "diffusers did not build an IPAdapterPlusImageProjection from the InstantID file; "
+            "this diffusers version is not supported (tested: 0.37-0.42).")
+    pipe.set_ip_adapter_scale(scale)
+    return projection
+
+
+# --------------------------------------------------------------------------- IdentityNet
+
+
+def _identitynet_source(source: Path, config: Mapping | None) -> tuple[dict, Path]:
+    """(config, weights file) for a diffusers model folder or a single weights file."""
+    if source.is_dir():
+        config_file = source / "config.json"
+        weights = next((source / n for n in _WEIGHT_FILE_NAMES if (source / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(
+                f"{source} holds no ControlNet weights; expected one of "
+                f"{', '.join(_WEIGHT_FILE_NAMES)} (InstantX/InstantID's ControlNetModel folder).")
+    else:
+        config_file, weights = source.parent / "config.json", source
+    if config is not None:
+        return dict(config), weights
+    if config_file.is_file():
+        return json.loads(config_file.read_text()), weights
+    return config_for_identitynet(), weights
+
+
+def load_identitynet(source: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                     config: Mapping | None = None):
+    """IdentityNet as a diffusers ``ControlNetModel``, loaded strictly.
+
+    ``source`` is InstantX/InstantID's ``ControlNetModel`` folder (``config.json`` +
+    ``diffusion_pytorch_model.safetensors``) or one weights file; a file without a
+    ``config.json`` beside it uses ``config_for_identitynet()`` unless ``config`` is given.
+    The model is built on the meta device and takes the file's tensors directly (no random
+    initialisation of 1.25 B parameters), then is cast to ``torch_dtype`` if given.
+    """
+    from diffusers import ControlNetModel
+
+    source = Path(source)
+    if not source.exists():
+        raise CheckpointError(f"IdentityNet not found at {source}; pass InstantX/InstantID's "
+                              "ControlNetModel folder or its .safetensors file.")
+    model_config, weights = _identitynet_source(source, config)
+    state = load_state_dict_file(weights)
+    looks_like = describe_checkpoint(state)
+    if looks_like != "a diffusers ControlNet":
+        raise CheckpointError(f"{weights} is not a diffusers ControlNet: it looks like "
+                              f"{looks_like}. Pass InstantX/InstantID's ControlNetModel weights.")
+    with torch.device("meta"):
+        model = ControlNetModel.from_config(model_config)
+    check_state_dict(state, expected_shapes(model), f"IdentityNet ControlNet ({weights.name})")
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise CheckpointError("IdentityNet: some tensors were not filled from the file; this "
+                              "diffusers version builds state the file does not carry.")
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    return model.eval()
