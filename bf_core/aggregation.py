@@ -49,7 +49,7 @@ def _logit_scale(temperature: float | str | None, dim: int) -> float:
         return 1.0
     if temperature == "sqrt_d":
         return 1.0 / math.sqrt(dim)
-    if isinstance(temperature, str) or temperature <= 0:
+    if isinstance(temperature, (str, bool)) or not math.isfinite(temperature) or temperature <= 0:
         raise ConfigError(f"IdAP temperature must be None, 'sqrt_d' or > 0, got {temperature!r}")
     return 1.0 / float(temperature)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 from bf_core.errors import ConfigError
@@ -171,4 +172,8 @@ def resolve_step(name: str, value: int | float, num_steps: int) -> int:
                 f"schedule (steps i > {value} never happen): use an int in [0, {max(num_steps - 2, 0)}] "
                 "or a fraction in [0, 1)")
         return int(value)
-    return int(round(value * num_steps))
+    step = int(round(value * num_steps))
+    if step >= num_steps - 1:
+        warnings.warn(f"{name}={value} gives step {step} of a {num_steps}-step schedule: steps "
+                      f"i > {step} never happen, so this component will not run", stacklevel=3)
+    return step

@@ -32,8 +32,8 @@ def smooth_saliency(saliency: torch.Tensor, smoothing: str, kernel: int) -> torc
         if kernel > min(height, width) + 2:
             raise ConfigError(f"IdAFConfig.smooth_kernel={kernel} is larger than the padded latent "
                               f"({height}x{width} plus padding 1); use a kernel <= {min(height, width) + 2}")
-        pooled = F.avg_pool2d(saliency, kernel_size=kernel, stride=1, padding=1,
-                              count_include_pad=True)
+        # Pad explicitly: the zeros count in every average, and a 1x1 box stays valid.
+        pooled = F.avg_pool2d(F.pad(saliency, (1, 1, 1, 1)), kernel_size=kernel, stride=1)
     elif smoothing == "downup":
         small = (max(1, height // kernel), max(1, width // kernel))
         pooled = F.interpolate(saliency, size=small, mode="bilinear", align_corners=False)

@@ -28,7 +28,13 @@ from bf_core.errors import BackendNotFoundError, UnsupportedPipelineError
 BUILTIN_DISTRIBUTION = "beyondfacial"
 #: module of each built-in backend, used when the package runs from a source tree that was
 #: never installed (so its entry points are not visible)
-BUILTIN_PLUGINS = {"dreambooth": "bf_backends.dreambooth"}
+BUILTIN_PLUGINS = {
+    "dreambooth": "bf_backends.dreambooth",
+    "photomaker": "bf_backends.photomaker",
+    "ipadapter": "bf_backends.ipadapter",
+    "instantid": "bf_backends.instantid",
+    "pulid": "bf_backends.pulid",
+}
 
 BLOCK_ENV = "BEYONDFACIAL_BLOCK_PLUGINS"
 ALLOW_ENV = "BEYONDFACIAL_ALLOW_PLUGINS"

@@ -1,0 +1,1 @@
+"""instantid backend (registration lands with its backend module)."""

@@ -1,0 +1,1 @@
+"""photomaker backend (registration lands with its backend module)."""

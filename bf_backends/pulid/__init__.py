@@ -1,0 +1,1 @@
+"""pulid backend (registration lands with its backend module)."""

@@ -1,0 +1,71 @@
+"""The ``beyondfacial`` command on the tiny offline pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from bf_core import cli
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys, contextlib, io\nfrom bf_core import cli\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.main(['--help'])\n"
+            "print('torch' in sys.modules, 'diffusers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("generate", "backends", "env", "demo"):
+        assert command in out
+
+
+def test_env_reports_versions(capsys):
+    assert cli.main(["env"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["torch"] and info["versions"]["diffusers"]
+    assert "cuda_available" in info["devices"]
+
+
+def test_generate_writes_images_fusion_maps_and_exact_settings(tmp_path, capsys):
+    args = ["generate", "--tiny", "--prompt", "a person hiking a ridge", "--id-prompt",
+            "a photo of sks person", "--steps", "5", "--height", "64", "--width", "64",
+            "--seed", "1", "--seed", "2", "--lambda-id", "3", "--idaf-start", "1",
+            "--idap-start", "0.4", "--out", str(tmp_path), "--name", "run", "--dtype", "float32"]
+    assert cli.main(args) == 0
+    for seed in (1, 2):
+        image = Image.open(tmp_path / f"run_seed{seed}_0.png")
+        assert image.size == (64, 64)
+        assert (tmp_path / f"run_seed{seed}_0_fusion.png").exists()
+    settings = json.loads((tmp_path / "run_settings.json").read_text())
+    assert settings["config"]["idaf"]["lambda_id"] == 3.0
+    assert settings["config"]["idaf_start"] == 1 and settings["config"]["idap_start"] == 0.4
+    assert settings["seeds"] == [1, 2] and settings["call"]["num_inference_steps"] == 5
+    assert not list(tmp_path.glob("*.partial"))
+    # A second run into the same folder refuses to overwrite what is there.
+    with pytest.raises(SystemExit, match="would overwrite"):
+        cli.main(args)
+
+
+def test_generate_rejects_bad_settings_with_the_field_named(tmp_path):
+    with pytest.raises(ValueError, match="lambda_id"):
+        cli.main(["generate", "--tiny", "--prompt", "x", "--lambda-id", "0", "--out", str(tmp_path)])
+
+
+def test_demo_writes_its_pictures(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--steps", "4", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "--base-model" in out
+    for name in ("demo_seed0_0.png", "demo_seed0_0_fusion.png", "demo_comparison.png",
+                 "demo_settings.json"):
+        assert (tmp_path / name).exists(), name

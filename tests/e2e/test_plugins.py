@@ -1,0 +1,207 @@
+"""The plugin system: entry points, the example external package, failures, switches."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bf_core
+from bf_core import plugins
+from bf_core.errors import BackendNotFoundError, UnsupportedPipelineError
+from bf_core.testing import tiny_sdxl_pipeline
+
+EXAMPLE_PLUGIN = Path(__file__).parents[1] / "fixtures" / "example_plugin"
+REPO_ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def fresh_registry():
+    """Each test sees plugins as a new process would, and leaves no trace behind."""
+    plugins.reset_registry()
+    yield
+    importlib.invalidate_caches()
+    plugins.reset_registry()
+
+
+@pytest.fixture(scope="module")
+def installed_example_plugin(tmp_path_factory):
+    """pip-install the example plugin package (offline, no dependencies) into a folder."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+         "--no-build-isolation", "--target", str(target), str(EXAMPLE_PLUGIN)],
+        check=True, capture_output=True, text=True)
+    return target
+
+
+def write_fake_distribution(site: Path, name: str, entry_points: dict[str, str],
+                            modules: dict[str, str]) -> None:
+    """A minimal installed distribution: dist-info with entry points, plus module files."""
+    info = site / f"{name.replace('-', '_')}-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[beyondfacial]\n{lines}\n")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+
+
+def cli_backends(extra_path: Path | None = None, **env: str) -> list[dict]:
+    environment = dict(os.environ, **env)
+    if extra_path is not None:
+        environment["PYTHONPATH"] = os.pathsep.join([str(extra_path), str(REPO_ROOT)])
+    result = subprocess.run([sys.executable, "-m", "bf_core.cli", "backends"], check=True,
+                            capture_output=True, text=True, env=environment)
+    return json.loads(result.stdout)
+
+
+def test_builtin_backends_are_listed_by_the_cli():
+    listing = {entry["name"]: entry for entry in cli_backends()}
+    assert listing["dreambooth"]["status"] == "loaded"
+    assert listing["dreambooth"]["package"] == "beyondfacial"
+    assert "StableDiffusionXLPipeline" in listing["dreambooth"]["recognizes"]
+
+
+def test_pip_installed_plugin_is_discovered_through_its_entry_point(installed_example_plugin):
+    listing = {entry["name"]: entry for entry in cli_backends(installed_example_plugin)}
+    assert listing["described-person"]["status"] == "loaded"
+    assert listing["described-person"]["package"] == "beyondfacial-example-plugin"
+    assert listing["described-person"]["version"] == "0.1.0"
+
+
+def test_example_plugin_gets_the_method_for_free(installed_example_plugin, monkeypatch, fresh_registry):
+    monkeypatch.syspath_prepend(str(installed_example_plugin))
+    importlib.invalidate_caches()
+    pipe = tiny_sdxl_pipeline()
+    bf = bf_core.wrap(pipe, backend="described-person")
+    call = dict(prompt="a person hiking", num_inference_steps=5, height=64, width=64,
+                output_type="np")
+    stock = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    off = bf.with_config(enabled=False)(**call, generator=torch.Generator().manual_seed(0)).images
+    on = bf(**call, id_prompt="a woman with short red hair",
+            generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(off, stock)
+    assert np.abs(on.images - stock).max() > 1e-4 and on.diagnostics["unet_rows"] > 10
+    # Automatic choice still prefers the built-in method backend (priority -10 < 0).
+    assert bf_core.wrap(pipe).backend.name == "dreambooth"
+
+
+def test_broken_plugin_is_reported_and_skipped(tmp_path, monkeypatch, fresh_registry):
+    write_fake_distribution(tmp_path, "broken-plugin", {"broken": "broken_plugin_module"},
+                            {"broken_plugin_module": "raise RuntimeError('boom at import')\n"})
+    listing = {entry["name"]: entry for entry in cli_backends(tmp_path)}
+    assert listing["broken"]["status"] == "failed"
+    assert "boom at import" in listing["broken"]["error"]
+    assert listing["dreambooth"]["status"] == "loaded"
+    # In process: a warning, never an exception, and the built-ins still work.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    with pytest.warns(plugins.PluginLoadWarning, match="broken"):
+        backends = plugins.get_registry().backends()
+    assert "dreambooth" in backends
+
+
+def test_plugin_whose_registration_raises_is_skipped(tmp_path, monkeypatch, fresh_registry):
+    source = ("from bf_core import hookimpl\n\n@hookimpl\ndef bf_register_backends(register):\n"
+              "    raise ValueError('bad registration')\n")
+    write_fake_distribution(tmp_path, "bad-register", {"badreg": "bad_register_module"},
+                            {"bad_register_module": source})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    with pytest.warns(plugins.PluginLoadWarning, match="bad registration"):
+        registry = plugins.get_registry()
+    record = next(p for p in registry.plugins if p.name == "badreg")
+    assert record.status == "failed" and "bad registration" in record.error
+    assert "dreambooth" in registry.backends()
+
+
+def test_block_and_allow_switches(installed_example_plugin):
+    blocked = {e["name"]: e for e in cli_backends(BEYONDFACIAL_BLOCK_PLUGINS="dreambooth")}
+    assert blocked["dreambooth"]["status"] == "blocked"
+    only = {e["name"]: e for e in cli_backends(installed_example_plugin,
+                                               BEYONDFACIAL_ALLOW_PLUGINS="described-person")}
+    assert only["described-person"]["status"] == "loaded"
+    assert only["dreambooth"]["status"] == "blocked"
+    builtins_only = {e["name"]: e for e in cli_backends(installed_example_plugin,
+                                                        BEYONDFACIAL_DISABLE_PLUGINS="1")}
+    assert builtins_only["described-person"]["status"] == "blocked"
+    assert builtins_only["dreambooth"]["status"] == "loaded"
+
+
+class _AlwaysServes:
+    name = "always"
+    recognizes_description = "anything with a unet"
+    priority = 100
+    default_id_prompt = "a person"
+
+    def recognizes(self, pipe):
+        return hasattr(pipe, "unet")
+
+    def open_session(self, pipe, request, config):
+        from bf_core.sdxl import SDXLSession
+
+        return SDXLSession(self, pipe, request, config)
+
+
+class _InProcessPlugin:
+    @bf_core.hookimpl
+    def bf_register_backends(self, register):
+        register(_AlwaysServes())
+
+
+class _PrefersDreamBooth:
+    @bf_core.hookimpl
+    def bf_backend_for_pipeline(self, pipe, candidates):
+        return "dreambooth" if "dreambooth" in candidates else None
+
+
+def test_in_process_registration_priority_and_unregistration(fresh_registry):
+    pipe = tiny_sdxl_pipeline()
+    name = bf_core.register_plugin(_InProcessPlugin(), name="in-process-test")
+    try:
+        assert bf_core.wrap(pipe).backend.name == "always"  # higher priority wins
+        chooser = bf_core.register_plugin(_PrefersDreamBooth(), name="chooser-test")
+        try:
+            assert bf_core.wrap(pipe).backend.name == "dreambooth"  # a plugin may decide
+        finally:
+            bf_core.unregister_plugin(chooser)
+    finally:
+        bf_core.unregister_plugin(name)
+    assert "always" not in plugins.get_registry().backends()
+    assert bf_core.wrap(pipe).backend.name == "dreambooth"
+
+
+def test_duplicate_backend_names_are_refused(fresh_registry):
+    class Twin(_AlwaysServes):
+        name = "dreambooth"
+
+    class TwinPlugin:
+        @bf_core.hookimpl
+        def bf_register_backends(self, register):
+            register(Twin())
+
+    with pytest.warns(plugins.PluginLoadWarning, match="registered by both"):
+        name = bf_core.register_plugin(TwinPlugin(), name="twin-test")
+    try:
+        assert type(plugins.get_registry().backends()["dreambooth"]).__name__ == "DreamBoothBackend"
+    finally:
+        bf_core.unregister_plugin(name)
+
+
+def test_wrap_explains_unsupported_objects_and_unknown_names():
+    with pytest.raises(UnsupportedPipelineError) as info:
+        bf_core.wrap(object())
+    message = str(info.value)
+    assert "object" in message and "dreambooth" in message and "StableDiffusionXLPipeline" in message
+    with pytest.raises(BackendNotFoundError, match="no backend named 'nope'.*dreambooth"):
+        bf_core.wrap(tiny_sdxl_pipeline(), backend="nope")
+    with pytest.raises(UnsupportedPipelineError, match="cannot serve"):
+        bf_core.wrap(object(), backend="dreambooth")
