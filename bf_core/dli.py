@@ -145,6 +145,105 @@ def idap_conditioning(cond: LineConditioning, identity: Identity, config: BFConf
     return LineConditioning(positive, cond.pooled, negative, cond.negative_pooled, cond.extra), selection
 
 
+@dataclass
+class LinePlan:
+    """Every line's conditioning for the whole loop, fixed before the first step.
+
+    primary: the semantic line (or the baseline line with the method off), without and with
+    the IdAP tokens; id_line: the ID line, or None when it never runs; m1/m2: the thresholds.
+    """
+
+    primary_line: Line
+    primary: LineConditioning
+    primary_tensors: _LineTensors
+    primary_tensors_idap: _LineTensors | None = None
+    id_cond: LineConditioning | None = None
+    id_tensors: _LineTensors | None = None
+    m1: int = 0
+    m2: int = 0
+    rows: int = 1
+    cfg_at_start: bool = True
+    idaf_config: Any = None
+    share_before_idap: bool = False
+    share_after_idap: bool = False
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def idap_on(self, i: int) -> bool:
+        return self.primary_tensors_idap is not None and i > self.m2
+
+    def id_active(self, i: int) -> bool:
+        return self.id_tensors is not None and i > self.m1
+
+    def primary_at(self, i: int, do_cfg: bool) -> _LineTensors:
+        """The primary line's tensors at step ``i`` (IdAP from M2 on; CFG halves if switched off)."""
+        current = self.primary_tensors_idap if self.idap_on(i) else self.primary_tensors
+        return current.cond_half() if self.cfg_at_start and not do_cfg else current
+
+    def row_batches(self, i, t, latent_input, do_cfg, primary_now: _LineTensors,
+                    timestep_cond, cross_attention_kwargs) -> list[RowBatch]:
+        """The rows the UNet evaluates at step ``i``, tagged by line and CFG branch."""
+        branches = ("uncond", "cond") if do_cfg else ("cond",)
+        batches = [RowBatch(self.primary_line, i, t, latent_input, branches, primary_now.embeds,
+                            primary_now.text_embeds, primary_now.time_ids, timestep_cond,
+                            cross_attention_kwargs, self.primary)]
+        if self.id_active(i):
+            id_now = self.id_tensors if do_cfg or not self.cfg_at_start else self.id_tensors.cond_half()
+            if self.shares_negative(i, do_cfg):  # only the ID line's positive rows run
+                id_now, latent_input, branches = id_now.cond_half(), latent_input[self.rows:], ("cond",)
+            batches.append(RowBatch(Line.ID, i, t, latent_input, branches, id_now.embeds,
+                                    id_now.text_embeds, id_now.time_ids, timestep_cond,
+                                    cross_attention_kwargs, self.id_cond))
+        return batches
+
+    def shares_negative(self, i: int, do_cfg: bool) -> bool:
+        return do_cfg and (self.share_after_idap if self.idap_on(i) else self.share_before_idap)
+
+    def combine(self, predictions, batches, do_cfg, scale, rescale):
+        """Guided noise of the step: the semantic line's, fused with the ID line's by IdAF.
+
+        Returns (noise, id_wins); id_wins is None when the ID line did not run.
+        """
+        noise, cond_sem, uncond_sem = guide(predictions[0], do_cfg, scale, rescale)
+        if len(predictions) == 1:
+            return noise, None
+        id_prediction = predictions[1]
+        if batches[1].branches == ("cond",) and do_cfg:  # the negative branch was shared
+            id_prediction = torch.cat([uncond_sem, id_prediction])
+        eps_id, cond_id, _ = guide(id_prediction, do_cfg, scale, rescale)
+        saliency = {}
+        if self.idaf_config.saliency == "cfg_delta":
+            reference = uncond_sem if do_cfg else torch.zeros_like(cond_sem)
+            saliency = {"saliency_id": scale * (cond_id - reference),
+                        "saliency_sem": scale * (cond_sem - reference)}
+        return idaf(eps_id, noise, self.idaf_config, **saliency)
+
+
+def plan_lines(session, identity: Identity | None, config: BFConfig, request: GenerationRequest,
+               primary_line: Line, line_tensors, num_steps: int) -> LinePlan:
+    """Build every line's CFG tensors once, with IdAP and the negative-sharing decision."""
+    primary = session.conditioning(primary_line, identity)
+    plan = LinePlan(primary_line, primary, line_tensors(primary), rows=request.num_rows,
+                    cfg_at_start=request.do_cfg, idaf_config=config.idaf)
+    if not config.enabled:
+        return plan
+    plan.m1, plan.m2 = config.thresholds(num_steps)
+    plan.diagnostics.update(idaf_start=plan.m1, idap_start=plan.m2)
+    if config.use_idap:
+        cond_idap, selection = idap_conditioning(primary, identity, config, request.num_rows,
+                                                 request.num_images_per_prompt)
+        plan.primary_tensors_idap = line_tensors(cond_idap)
+        plan.diagnostics["idap_selection"] = selection.cpu()
+    if config.use_idaf:
+        plan.id_cond = session.conditioning(Line.ID, identity)
+        plan.id_tensors = line_tensors(plan.id_cond)
+        if config.share_negative and request.do_cfg and session.negative_shareable():
+            rows = request.num_rows
+            plan.share_before_idap = same_negative_rows(plan.primary_tensors, plan.id_tensors, rows)
+            plan.share_after_idap = (plan.primary_tensors_idap is not None and same_negative_rows(
+                plan.primary_tensors_idap, plan.id_tensors, rows))
+    return plan
+
+
 def _execution_device_of(module: torch.nn.Module, fallback: torch.device) -> torch.device:
     try:
         from diffusers.utils.torch_utils import get_module_execution_device
@@ -287,14 +386,9 @@ def run(
         identity = (session.encoder.encode(id_images, id_prompt or backend.default_id_prompt, request)
                     if dual else None)
         primary = session.conditioning(primary_line, identity)
-        id_cond = session.conditioning(Line.ID, identity) if dual and config.use_idaf else None
 
         timesteps, num_inference_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps,
                                                             device, timesteps, sigmas)
-        m1 = m2 = None
-        if dual:
-            m1, m2 = config.thresholds(num_inference_steps)
-            diagnostics.update(idaf_start=m1, idap_start=m2)
         latents = pipe.prepare_latents(rows, pipe.unet.config.in_channels, height, width,
                                        primary.prompt_embeds.dtype, device, generator, latents)
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
@@ -310,23 +404,11 @@ def run(
                 negative_original_size, negative_crops_coords_top_left, negative_target_size,
                 dtype=primary.prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
 
-        def line_tensors(cond: LineConditioning) -> _LineTensors:
-            return cfg_line_tensors(cond, time_ids, negative_time_ids, rows, request.do_cfg, device)
-
-        primary_tensors = line_tensors(primary)
-        primary_tensors_idap = None
-        if dual and config.use_idap:
-            cond_idap, selection = idap_conditioning(primary, identity, config, rows,
-                                                     num_images_per_prompt)
-            primary_tensors_idap = line_tensors(cond_idap)
-            diagnostics["idap_selection"] = selection.cpu()
-        id_tensors = line_tensors(id_cond) if id_cond is not None else None
-        share_before_idap = share_after_idap = False
-        if config.share_negative and id_tensors is not None and request.do_cfg \
-                and session.negative_shareable():
-            share_before_idap = same_negative_rows(primary_tensors, id_tensors, rows)
-            share_after_idap = (primary_tensors_idap is not None
-                                and same_negative_rows(primary_tensors_idap, id_tensors, rows))
+        lines = plan_lines(session, identity, config, request, primary_line,
+                           lambda cond: cfg_line_tensors(cond, time_ids, negative_time_ids, rows,
+                                                         request.do_cfg, device),
+                           num_inference_steps)
+        diagnostics.update(lines.diagnostics)
 
         if (denoising_end is not None and isinstance(denoising_end, float)
                 and 0 < denoising_end < 1):
@@ -353,54 +435,25 @@ def run(
                 if pipe.interrupt:
                     continue
                 do_cfg = pipe.do_classifier_free_guidance  # a callback may switch CFG off
-                branches = ("uncond", "cond") if do_cfg else ("cond",)
-                idap_on = primary_tensors_idap is not None and i > m2
-                current = primary_tensors_idap if idap_on else primary_tensors
-                if request.do_cfg and not do_cfg:
-                    current = current.cond_half()
+                current = lines.primary_at(i, do_cfg)
+                prompt_embeds = overrides.get("prompt_embeds", current.embeds)
                 add_text_embeds = overrides.get("add_text_embeds", current.text_embeds)
                 add_time_ids = overrides.get("add_time_ids", current.time_ids)
-                prompt_embeds = overrides.get("prompt_embeds", current.embeds)
 
                 latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
                 latent_model_input = pipe.scheduler.scale_model_input(latent_model_input, t)
-                batches = [RowBatch(primary_line, i, t, latent_model_input, branches, prompt_embeds,
-                                    add_text_embeds, add_time_ids, timestep_cond,
-                                    pipe.cross_attention_kwargs, primary)]
-                id_active = id_tensors is not None and i > m1
-                share_negative = share_after_idap if idap_on else share_before_idap
-                if id_active:
-                    id_now = id_tensors if do_cfg or not request.do_cfg else id_tensors.cond_half()
-                    if share_negative and do_cfg:
-                        id_now = id_now.cond_half()
-                        batches.append(RowBatch(Line.ID, i, t, latent_model_input[rows:], ("cond",),
-                                                id_now.embeds, id_now.text_embeds, id_now.time_ids,
-                                                timestep_cond, pipe.cross_attention_kwargs, id_cond))
-                    else:
-                        batches.append(RowBatch(Line.ID, i, t, latent_model_input, branches,
-                                                id_now.embeds, id_now.text_embeds, id_now.time_ids,
-                                                timestep_cond, pipe.cross_attention_kwargs, id_cond))
+                batches = lines.row_batches(
+                    i, t, latent_model_input, do_cfg,
+                    _LineTensors(prompt_embeds, add_text_embeds, add_time_ids),
+                    timestep_cond, pipe.cross_attention_kwargs)
                 predictions = session.predict_noise(batches)
                 diagnostics["unet_calls"] += len(batches)
                 diagnostics["unet_rows"] += sum(b.rows for b in batches)
-
-                noise_pred, cond_sem, uncond_sem = guide(predictions[0], do_cfg, pipe.guidance_scale,
-                                                         pipe.guidance_rescale)
-                if id_active:
-                    id_prediction = predictions[1]
-                    if share_negative and do_cfg:
-                        id_prediction = torch.cat([uncond_sem, id_prediction])
-                    eps_id, cond_id, _ = guide(id_prediction, do_cfg, pipe.guidance_scale,
-                                               pipe.guidance_rescale)
-                    saliency = {}
-                    if config.idaf.saliency == "cfg_delta":
-                        reference = uncond_sem if do_cfg else torch.zeros_like(cond_sem)
-                        saliency = {"saliency_id": pipe.guidance_scale * (cond_id - reference),
-                                    "saliency_sem": pipe.guidance_scale * (cond_sem - reference)}
-                    noise_pred, id_wins = idaf(eps_id, noise_pred, config.idaf, **saliency)
-                    if return_fusion_maps:
-                        fusion_maps.append(id_wins.cpu())
-                        fusion_steps.append(i)
+                noise_pred, id_wins = lines.combine(predictions, batches, do_cfg,
+                                                    pipe.guidance_scale, pipe.guidance_rescale)
+                if id_wins is not None and return_fusion_maps:
+                    fusion_maps.append(id_wins.cpu())
+                    fusion_steps.append(i)
 
                 latents_dtype = latents.dtype
                 latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs,
