@@ -1,0 +1,1 @@
+"""ipadapter backend (registration lands with its backend module)."""
