@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "seed", None) is None and args.command == "generate":
         args.seed = [0]
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. the torchvision fallback notice
     return args.func(args)
 
 

@@ -239,3 +239,15 @@ def test_wrapper_keeps_the_original_pipeline(pipe):
     assert bf.pipe is pipe and bf.unwrap() is pipe
     assert bf.vae_scale_factor == pipe.vae_scale_factor  # the pipeline's attributes pass through
     assert bf.with_config(enabled=False).config.enabled is False and bf.config.enabled is True
+
+
+def test_model_cpu_offload_keeps_results_and_parity():
+    pipe = tiny_sdxl_pipeline(seed=0)
+    add_tiny_lora(pipe, adapter_name="identity")
+    plain = bf_core.wrap(pipe)(prompt=PROMPT, id_prompt=ID_PROMPT, **kwargs()).images
+    pipe.enable_model_cpu_offload(device="cpu")  # accelerate hooks on every component
+    offloaded = bf_core.wrap(pipe)(prompt=PROMPT, id_prompt=ID_PROMPT, **kwargs()).images
+    np.testing.assert_array_equal(offloaded, plain)
+    stock = pipe(prompt=PROMPT, **kwargs()).images
+    off = bf_core.wrap(pipe, config=bf_core.BFConfig(enabled=False))(prompt=PROMPT, **kwargs())
+    np.testing.assert_array_equal(off.images, stock)
