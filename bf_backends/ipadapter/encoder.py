@@ -335,3 +335,53 @@ def projected_id_tokens(pipe, image_embeds, adapter_index: int | None = None) ->
     if adapter_index is not None:
         return tokens[adapter_index]
     return torch.cat(tokens, dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# FaceID inputs from reference photos
+# ---------------------------------------------------------------------------------------
+
+FACE_CROP_CHANNELS = ("bgr", "rgb")
+FACE_CROP_SIZE = 224  # the aligned crop FaceID-Plus gives its CLIP encoder
+
+
+def _crop_for_clip(crop, channels: str):
+    """The aligned crop as the (H, W, 3) uint8 array the CLIP encoder is fed.
+
+    The official FaceID-Plus scripts (and diffusers' model-card recipe) read photos with
+    OpenCV, so ``norm_crop`` returns a BGR array that the CLIP processor takes as RGB.
+    ``"bgr"`` reproduces that; ``"rgb"`` feeds the crop in its true colours.
+    """
+    import numpy as np
+
+    if channels not in FACE_CROP_CHANNELS:
+        raise ConfigError(f"face_crop_channels must be one of {FACE_CROP_CHANNELS}, got "
+                          f"{channels!r}.")
+    rgb = np.asarray(crop)
+    return np.ascontiguousarray(rgb[:, :, ::-1] if channels == "bgr" else rgb)
+
+
+def faceid_inputs(analyzer, images, *, policy: str = "highest_score", with_crops: bool = False,
+                  crop_channels: str = "bgr") -> tuple[torch.Tensor, list | None]:
+    """Face embeddings (and aligned crops) of reference photos, one face per photo.
+
+    ``analyzer``: a ``bf_core.faces.FaceAnalyzer`` (buffalo_l for IP-Adapter FaceID).
+    ``policy``: which face of a photo with several (``"highest_score"`` is insightface's
+    ``faces[0]``, what the FaceID model cards use; ``"error"`` refuses such a photo).
+    Returns ``(normed (N, 512) float32, crops)``; ``crops`` are the 224 px aligned faces
+    for FaceID-Plus as (224, 224, 3) uint8 arrays (``None`` unless ``with_crops``). Raises ``FaceNotFoundError`` naming
+    the first photo without a face.
+    """
+    import numpy as np
+
+    from bf_core.faces import align_face
+    from bf_core.images import load_images
+
+    photos = load_images(images)
+    faces = analyzer.embed(photos, policy=policy)
+    normed = torch.from_numpy(np.stack([face.normed_embedding for face in faces])).float()
+    if not with_crops:
+        return normed, None
+    crops = [_crop_for_clip(align_face(photo, face.kps, FACE_CROP_SIZE), crop_channels)
+             for photo, face in zip(photos, faces, strict=True)]
+    return normed, crops

@@ -322,3 +322,18 @@ def load_tiny_adapter(pipe, variant: str, seed: int = 0, file_format: str = "bin
         name = _write_adapter_file(state_dict, folder, variant, file_format)
         pipe.load_ip_adapter(str(folder), weight_name=name, local_files_only=True, **options)
     return state_dict
+
+
+def tiny_pipeline(variant: str = "plus-face", seed: int = 0, scheduler: str = "ddim"):
+    """A tiny offline SDXL pipeline with a tiny ``variant`` adapter loaded the official way.
+
+    Built on ``bf_core.testing.tiny_sdxl_pipeline``; the adapter file (and, for CLIP
+    variants, the tiny image encoder) is written in the official layout and loaded with
+    diffusers' ``load_ip_adapter``. FaceID variants carry their LoRA (needs ``peft``).
+    """
+    from bf_core.testing import tiny_sdxl_pipeline
+
+    _check_variant(variant)
+    pipe = tiny_sdxl_pipeline(seed=seed, scheduler=scheduler)
+    load_tiny_adapter(pipe, variant, seed=seed)
+    return pipe

@@ -20,6 +20,7 @@ from bf_core.errors import (  # noqa: E402
     ImageInputError,
     NonFiniteError,
 )
+from bf_core.testing import tiny_sdxl_pipeline  # noqa: E402
 
 MANIFEST_OF = {
     "vit-h": "ip-adapter_sdxl_vit-h",
@@ -39,80 +40,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ---------------------------------------------------------------------------------------
-# A tiny SDXL pipeline (environment.md, "A tiny SDXL that worked")
-# ---------------------------------------------------------------------------------------
-
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE: printable bytes keep their character,
-    the others are shifted above U+00FF in byte order."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) \
-        | set(range(ord("®"), ord("ÿ") + 1))
-    symbols, shifted = [], 0
-    for byte in range(256):
-        if byte in printable:
-            symbols.append(chr(byte))
-        else:
-            symbols.append(chr(256 + shifted))
-            shifted += 1
-    return symbols
-
-
-def _tokenizer(pad_token: str):
-    from transformers import CLIPTokenizer
-
-    symbols = _byte_symbols()
-    vocab = {symbol: i for i, symbol in enumerate(symbols)}
-    vocab.update({symbol + "</w>": 256 + i for i, symbol in enumerate(symbols)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513  # the largest id, as CLIP's legacy pooling needs
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
-
-
-def _text_config(tokenizer):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=2, vocab_size=514,
-                          projection_dim=32, hidden_act="gelu", layer_norm_eps=1e-5)
-
-
-def _tiny_sdxl_pipeline(seed: int = 0):
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=[8, 16, 16, 16], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4,
-                        norm_num_groups=8, sample_size=64)
-    tokenizer, tokenizer_2 = _tokenizer("<|endoftext|>"), _tokenizer("!")
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              steps_offset=1, timestep_spacing="leading", clip_sample=False,
-                              set_alpha_to_one=False)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder,
-                                     text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _images(count: int, seed: int = 0) -> list[Image.Image]:
@@ -173,7 +100,7 @@ def _number_pattern(keys) -> set[tuple[str, str]]:
 
 @pytest.mark.parametrize("variant", testing.VARIANTS)
 def test_tiny_adapter_has_the_official_key_layout(variant, manifest_part):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     tiny = testing.tiny_adapter_state_dict(variant, pipe.unet)
     name = MANIFEST_OF[variant]
     assert set(tiny["image_proj"]) == set(manifest_part(name, "image_proj"))
@@ -187,7 +114,7 @@ def test_tiny_adapter_has_the_official_key_layout(variant, manifest_part):
 @pytest.mark.parametrize("file_format", ["bin", "safetensors", "dict"])
 @pytest.mark.parametrize("variant", testing.VARIANTS)
 def test_every_tiny_variant_loads_through_load_ip_adapter(variant, file_format, tmp_path):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     folder = None if file_format == "dict" else tmp_path
     loaded = testing.load_tiny_adapter(pipe, variant, seed=3, file_format=file_format, tmp_dir=folder)
     if folder is not None:
@@ -203,7 +130,7 @@ def test_every_tiny_variant_loads_through_load_ip_adapter(variant, file_format, 
 
 
 def test_tiny_adapters_depend_on_the_seed():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     first = testing.tiny_adapter_state_dict("plus", pipe.unet, seed=0)
     again = testing.tiny_adapter_state_dict("plus", pipe.unet, seed=0)
     other = testing.tiny_adapter_state_dict("plus", pipe.unet, seed=1)
@@ -212,7 +139,7 @@ def test_tiny_adapters_depend_on_the_seed():
 
 
 def test_unknown_variant_and_format_are_named():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     with pytest.raises(ConfigError, match="unknown IP-Adapter variant 'vit-l'"):
         testing.load_tiny_adapter(pipe, "vit-l")
     with pytest.raises(ConfigError, match="file_format"):
@@ -225,7 +152,7 @@ def test_unknown_variant_and_format_are_named():
 
 @pytest.mark.parametrize("variant", testing.VARIANTS)
 def test_detect_variant(variant):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     assert state.detect_variant(pipe) is None
     testing.load_tiny_adapter(pipe, variant, file_format="dict")
     plus_family = variant in testing.PLUS_VARIANTS
@@ -235,14 +162,14 @@ def test_detect_variant(variant):
 
 
 def test_detect_variant_rejects_a_contradicting_hint():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "faceid", file_format="dict")
     with pytest.raises(ConfigError, match="'plus-face'.*'faceid'"):
         state.detect_variant(pipe, hint="plus-face")
 
 
 def test_detect_variant_names_an_image_encoder_of_the_wrong_width():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "bigG", file_format="dict")
     vit_h = testing.tiny_image_encoder("vit-h", pipe.unet.config.cross_attention_dim)
     pipe.register_modules(image_encoder=vit_h)
@@ -251,7 +178,7 @@ def test_detect_variant_names_an_image_encoder_of_the_wrong_width():
 
 
 def test_detect_variant_names_hidden_states_of_the_wrong_width():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "plus", file_format="dict")
     big_g = testing.tiny_image_encoder("bigG", pipe.unet.config.cross_attention_dim)
     pipe.register_modules(image_encoder=big_g)
@@ -260,7 +187,7 @@ def test_detect_variant_names_hidden_states_of_the_wrong_width():
 
 
 def test_several_adapters_are_detected_one_by_one():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     first = testing.tiny_adapter_state_dict("vit-h", pipe.unet, seed=0)
     second = testing.tiny_adapter_state_dict("plus", pipe.unet, seed=1)
     pipe.load_ip_adapter([first, second], subfolder="", weight_name=["", ""],
@@ -276,7 +203,7 @@ def test_several_adapters_are_detected_one_by_one():
 
 @pytest.mark.parametrize("variant", ["vit-h", "plus"])
 def test_ip_scales_off_is_bit_identical_to_no_adapter(variant):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     inputs = _unet_inputs(pipe)
     without_adapter = _unet_out(pipe, inputs)
     testing.load_tiny_adapter(pipe, variant, file_format="dict")
@@ -296,7 +223,7 @@ def test_ip_scales_off_is_bit_identical_to_no_adapter(variant):
 
 @pytest.mark.parametrize("variant", ["faceid", "faceid-plusv2"])
 def test_faceid_needs_both_switches_and_then_is_exact(variant):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     inputs = _unet_inputs(pipe)
     without_adapter = _unet_out(pipe, inputs)
     testing.load_tiny_adapter(pipe, variant, file_format="dict")
@@ -326,7 +253,7 @@ def _grad_flags(unet) -> dict[str, bool]:
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_faceid_lora_off_leaves_other_loras_alone():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     inputs = _unet_inputs(pipe)
     testing.load_tiny_adapter(pipe, "faceid", file_format="dict")
     _add_user_lora(pipe)
@@ -350,7 +277,7 @@ def test_faceid_lora_off_leaves_other_loras_alone():
 
 
 def test_faceid_lora_off_refuses_a_fused_lora():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "faceid", file_format="dict")
     pipe.fuse_lora(adapter_names=["faceid_0"])
     with pytest.raises(ConfigError, match="unfuse_lora"), state.faceid_lora_off(pipe):
@@ -373,7 +300,7 @@ def _observable_state(pipe) -> tuple:
 
 
 def _customised_plusv2_pipeline():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "faceid-plusv2", file_format="dict")
     embeds = _embeds_for(pipe, "faceid-plusv2")
     pipe.set_ip_adapter_scale(0.6)
@@ -417,7 +344,7 @@ def test_snapshot_restores_after_an_exception_and_lets_it_through():
 
 
 def test_snapshot_keeps_per_image_scale_lists_from_in_place_edits():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "vit-h", file_format="dict")
     first = state.ip_attention_processors(pipe)[0]
     first.scale = [[0.3, 0.9]]  # one scale per reference image (used with IP masks)
@@ -450,7 +377,7 @@ def _embeds_the_pipeline_passes(pipe, **call) -> list:
 
 @pytest.mark.parametrize(("variant", "per_image"), [("vit-h", (32,)), ("plus", (257, 32))])
 def test_embeds_from_images_equal_the_stock_pipeline(variant, per_image):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, variant, file_format="dict")
     images = [_images(2)]  # one adapter, two reference images
     stock = _embeds_the_pipeline_passes(pipe, ip_adapter_image=images, num_images_per_prompt=3)
@@ -461,7 +388,7 @@ def test_embeds_from_images_equal_the_stock_pipeline(variant, per_image):
 
 
 def test_precomputed_embeds_are_tiled_as_diffusers_tiles_them():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "vit-h", file_format="dict")
     given = [torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))]
     stock = _embeds_the_pipeline_passes(pipe, ip_adapter_image_embeds=given, num_images_per_prompt=2)
@@ -485,14 +412,14 @@ def _bad_embeds_cases():
 @pytest.mark.parametrize(("case", "embeds", "message"), _bad_embeds_cases(),
                          ids=[case[0] for case in _bad_embeds_cases()])
 def test_bad_precomputed_embeds_raise_named_errors(case, embeds, message):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "vit-h", file_format="dict")
     with pytest.raises(ConfigError, match=message):
         encoder.prepare_image_embeds(pipe, image_embeds=embeds)
 
 
 def test_non_finite_and_faceid_layouts_are_checked():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "faceid", file_format="dict")
     with pytest.raises(ConfigError, match=re.escape("(batch, num_images, 1, 512)")):
         encoder.check_image_embeds(pipe, [torch.zeros(2, 1, 4, 512)])
@@ -505,7 +432,7 @@ def test_non_finite_and_faceid_layouts_are_checked():
 
 
 def test_image_inputs_are_checked():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     with pytest.raises(ConfigError, match="no IP-Adapter loaded"):
         encoder.prepare_image_embeds(pipe, images=[_images(1)])
     testing.load_tiny_adapter(pipe, "vit-h", file_format="dict")
@@ -531,7 +458,7 @@ def test_faceid_embeds_layout_and_checks():
 
 
 def test_faceid_embeds_tile_like_diffusers_for_several_faces_and_prompts():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "faceid", file_format="dict")
     given = [encoder.faceid_image_embeds(_unit_embeddings(2))]
     stock = _embeds_the_pipeline_passes(pipe, ip_adapter_image_embeds=given, num_images_per_prompt=2)
@@ -541,7 +468,7 @@ def test_faceid_embeds_tile_like_diffusers_for_several_faces_and_prompts():
 
 
 def test_face_crop_clip_embeds_follow_the_model_card_recipe():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "faceid-plusv2", file_format="dict")
     crops = _images(2, seed=4)
     recipe = pipe.prepare_ip_adapter_image_embeds([crops], None, torch.device("cpu"), 3, True)[0]
@@ -572,7 +499,7 @@ def _ip_states_seen_by_attention(pipe, inputs, embeds) -> torch.Tensor:
 @pytest.mark.parametrize(("variant", "tokens"), [("vit-h", 4), ("plus", 16), ("faceid", 4),
                                                  ("faceid-plusv2", 4)])
 def test_projected_id_tokens_are_what_attention_attends_to(variant, tokens):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, variant, file_format="dict")
     embeds = _embeds_for(pipe, variant, faces=2)
     with torch.no_grad():
@@ -584,7 +511,7 @@ def test_projected_id_tokens_are_what_attention_attends_to(variant, tokens):
 
 
 def test_projected_id_tokens_check_faceid_plus_state():
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     testing.load_tiny_adapter(pipe, "faceid-plusv2", file_format="dict")
     faces = [encoder.faceid_image_embeds(_unit_embeddings(2))]
     with pytest.raises(ConfigError, match="set_faceid_plus_clip_embeds"):
