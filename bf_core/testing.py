@@ -87,7 +87,8 @@ def pipeline_fingerprint(pipe: Any) -> dict[str, Any]:
 
     Components (identity, training flag, hooks, parameter shapes/dtypes/devices/sums,
     ``requires_grad``), PEFT adapter switches and scales, attention processors (identity,
-    class, scales), IP-Adapter projection state, and the scheduler's config.
+    class, scales), IP-Adapter projection state, and the scheduler's config. Take it after one
+    stock call: transformers adds forward hooks to its encoders the first time they run.
     """
     fingerprint: dict[str, Any] = {}
     for name, component in pipe.components.items():
