@@ -1,4 +1,4 @@
-"""The ``beyondfacial`` command: generate, backends, env, demo.
+"""The ``beyondfacial`` command: generate, backends, env, demo, bench.
 
 Only the standard library is imported at module level, so ``beyondfacial --help`` answers
 at once; torch and diffusers load inside the commands that need them.
@@ -260,6 +260,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_UNAVAILABLE = (
+    "error: `beyondfacial bench` runs the benchmark in the source checkout's benchmarks/ folder, "
+    "which is not part of the installed package. Clone the beyondfacial repository, install it "
+    "with pip install -e '.[bench,faces]' and run the command from the checkout's root (or "
+    "python -m benchmarks there).")
+
+
+def _import_benchmarks():
+    """The checkout's ``benchmarks`` package: importable from the working directory, or found
+    beside this package when it runs from a source tree."""
+    import importlib
+
+    checkout = Path(__file__).resolve().parents[1]
+    for attempt in (None, checkout):
+        if attempt is not None and (attempt / "benchmarks" / "__init__.py").is_file():
+            sys.path.insert(0, str(attempt))
+        try:
+            package = importlib.import_module("benchmarks")
+        except ImportError:
+            continue
+        if getattr(package, "BEYONDFACIAL_BENCHMARK", False):
+            return importlib.import_module("benchmarks.cli")
+        sys.modules.pop("benchmarks", None)  # an unrelated package of the same name
+    raise SystemExit(BENCH_UNAVAILABLE)
+
+
+def cmd_bench(argv: list[str]) -> int:
+    return _import_benchmarks().main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beyondfacial",
@@ -303,10 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    # Listed for --help only: main() hands everything after "bench" to the benchmark's parser.
+    sub.add_parser("bench", add_help=False,
+                   help="cross-method benchmark from the source checkout (beyondfacial bench "
+                        "--help; e.g. --tiny --out DIR)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "seed", None) is None and args.command == "generate":
         args.seed = [0]

@@ -1,0 +1,455 @@
+"""The one runner: generate every image of the grid, score it, and merge into the report.
+
+Resumable and loss-free: an item whose image (or metric row) is recorded in the manifest
+with an intact file is never redone; anything else is (re)made, so a crashed or killed
+run picks up where it stopped. Each image depends only on its own (backend, setting,
+identity, prompt, seed) and the run's parameters: the seed drives a fresh CPU generator.
+Metrics are computed from the PNG read back from disk, so a resumed item and a fresh one
+give the same numbers.
+
+Distributed: with ``RANK``/``WORLD_SIZE`` in the environment (``accelerate launch``,
+``torchrun``) each rank takes every WORLD_SIZE-th item; rank 0 waits until the manifests
+hold the whole grid, then writes the one merged report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.metrics import (
+    MetricContext,
+    MetricModels,
+    Sample,
+    installed_metrics,
+    select_metrics,
+)
+from benchmarks.scenarios import (
+    BenchIdentity,
+    GenerationParams,
+    PromptSet,
+    Setting,
+    WorkItem,
+    build_grid,
+    fingerprint,
+    reference_grid,
+    shard,
+)
+from benchmarks.storage import (
+    Manifest,
+    atomic_write_array,
+    atomic_write_image,
+    atomic_write_json,
+    load_array,
+    sha256_file,
+)
+from benchmarks.targets import BackendTarget, base_pipeline, resolve_target
+
+#: testing hook: exit hard (as if killed) after this many images were generated and recorded
+EXIT_AFTER_ENV = "BEYONDFACIAL_BENCH_EXIT_AFTER"
+KILLED_EXIT_CODE = 86
+FID_PROMPT_SET = "action"
+
+
+@dataclass
+class BenchSpec:
+    """One benchmark run. ``out`` holds images, metrics, manifests and the report."""
+
+    out: Path
+    settings: list[Setting]
+    identities: list[BenchIdentity]
+    prompt_sets: list[PromptSet]
+    seeds: list[int]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    backends: list[str] | None = None  # None: every installed backend that can run here
+    tiny: bool = False
+    base_model: str | None = None
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    torch_dtype: str = "float16"
+    device: str | None = None
+    metrics: list[str] | None = None  # None: every installed metric
+    models: MetricModels = field(default_factory=MetricModels)
+    fid_reference_per_prompt: int = 0  # base-model images per FID prompt; 0: as many as seeds
+    fid_reference_dir: Path | None = None  # a user folder instead of generated references
+    contact_sheet_seeds: int = 1
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    rank: int
+    world_size: int
+    generated: int
+    scored: int
+    skipped_backends: dict[str, str]
+    report_dir: Path | None
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) for a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    return (rank, world) if world > 1 else (0, 1)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def _progress(iterable, spec: BenchSpec, desc: str, rank: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=f"[rank {rank}] {desc}" if rank else desc,
+                disable=not spec.progress, position=rank, leave=True, file=sys.stderr)
+
+
+class _PipelineCache:
+    """Holds one pipeline at a time (items are ordered pipeline-major)."""
+
+    def __init__(self):
+        self.key: Any = None
+        self.pipe: Any = None
+
+    def get(self, key: Any, build) -> Any:
+        if key != self.key:
+            self.pipe = None
+            gc.collect()
+            _empty_cuda_cache()
+            self.pipe, self.key = build(), key
+        return self.pipe
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _peak_memory_mb(device: Any) -> tuple[float | None, str]:
+    """(peak MB, what it measures): CUDA allocations of this item, or the process RSS peak."""
+    import torch
+
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None, "unavailable"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "process_rss"
+
+
+class Runner:
+    """Runs one rank's share of a ``BenchSpec``; ``run()`` does everything."""
+
+    def __init__(self, spec: BenchSpec, rank: int | None = None, world_size: int | None = None):
+        self.spec = spec
+        detected = rank_and_world()
+        self.rank = detected[0] if rank is None else rank
+        self.world_size = detected[1] if world_size is None else world_size
+        self.out = Path(spec.out)
+        self.manifest = Manifest(self.out, self.rank)
+        self.events = self.out / f"events-rank{self.rank:05d}.jsonl"
+        self.skipped: dict[str, str] = {}
+        self.targets: dict[str, BackendTarget] = self._targets()
+        self.metric_list = select_metrics(installed_metrics(), spec.metrics)
+        self.grid = self._grid()
+        self._identities = {i.name: i for i in spec.identities}
+        self._identity_images: dict[str, list] = {}
+        self._exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
+        self.generated = 0
+        self.scored = 0
+
+    # -- the grid -----------------------------------------------------------------------------
+    def _targets(self) -> dict[str, BackendTarget]:
+        from bf_core.plugins import get_registry
+
+        installed = get_registry().backends()
+        names = self.spec.backends or sorted(installed)
+        unknown = [n for n in names if n not in installed]
+        if unknown:
+            raise ValueError(f"backend(s) {unknown} are not installed; installed: "
+                             f"{', '.join(sorted(installed))} (see `beyondfacial backends`)")
+        targets = {}
+        for name in names:
+            target = resolve_target(installed[name], tiny=self.spec.tiny,
+                                    base_model=self.spec.base_model,
+                                    torch_dtype=None if self.spec.tiny else _dtype(self.spec.torch_dtype),
+                                    device=self.spec.device)
+            if isinstance(target, str):
+                self.skipped[name] = target
+            else:
+                targets[name] = target
+        if not targets:
+            raise ValueError("no backend can run here: " + "; ".join(
+                f"{k} {v}" for k, v in self.skipped.items()))
+        return targets
+
+    def _grid(self) -> list[WorkItem]:
+        spec = self.spec
+        items = build_grid(list(self.targets), spec.settings, spec.identities, spec.prompt_sets,
+                           spec.seeds, spec.params, spec.checkpoints, spec.base_model)
+        if self.needs_generated_reference:
+            fid_set = next(p for p in spec.prompt_sets if p.name == FID_PROMPT_SET)
+            count = spec.fid_reference_per_prompt or len(spec.seeds)
+            items += reference_grid(fid_set, count, spec.params, spec.base_model)
+        return items
+
+    @property
+    def needs_generated_reference(self) -> bool:
+        return (any(m.kind == "set" for m in self.metric_list)
+                and self.spec.fid_reference_dir is None
+                and any(p.name == FID_PROMPT_SET for p in self.spec.prompt_sets))
+
+    @property
+    def my_items(self) -> list[WorkItem]:
+        return shard(self.grid, self.rank, self.world_size)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def image_path(self, item: WorkItem) -> str:
+        return f"images/{item.item_id}.png"
+
+    def _log(self, event: str, item: WorkItem) -> None:
+        with open(self.events, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"event": event, "item": item.item_id, "pid": os.getpid()}) + "\n")
+
+    def identity_images(self, name: str) -> list:
+        if name not in self._identity_images:
+            self._identity_images[name] = self._identities[name].load_images()
+        return self._identity_images[name]
+
+    def _size(self) -> tuple[int, int]:
+        return (self.spec.params.width, self.spec.params.height)
+
+    # -- phase 1: images ----------------------------------------------------------------------
+    def generate_all(self) -> None:
+        pipes = _PipelineCache()
+        for item in _progress(self.my_items, self.spec, "generating", self.rank):
+            if self.manifest.verified("image", item.item_id, item.fingerprint, self._size()):
+                continue
+            self.generate(item, pipes)
+            self.generated += 1
+            if self._exit_after and self.generated >= self._exit_after:
+                os._exit(KILLED_EXIT_CODE)  # the kill-and-resume test's "SIGKILL"
+        pipes.pipe = None
+
+    def _build(self, item: WorkItem):
+        spec = self.spec
+        if item.is_reference:
+            dtype = None if spec.tiny else _dtype(spec.torch_dtype)
+            pipe = base_pipeline(tiny=spec.tiny, base_model=spec.base_model, torch_dtype=dtype,
+                                 device=spec.device)
+        else:
+            pipe = self.targets[item.backend].build_pipeline(item.checkpoint)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(self, item: WorkItem, pipes: _PipelineCache) -> None:
+        import torch
+
+        import bf_core
+
+        pipe = pipes.get(item.pipeline_key, lambda: self._build(item))
+        params = self.spec.params
+        call = dict(prompt=item.prompt, negative_prompt=params.negative_prompt,
+                    num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
+                    height=params.height, width=params.width, output_type="pil",
+                    generator=torch.Generator(device="cpu").manual_seed(item.seed))
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        diagnostics: dict[str, Any] = {}
+        fusion = None
+        if item.is_reference:
+            image = pipe(**call).images[0]
+        else:
+            setting = next(s for s in self.spec.settings if s.name == item.setting)
+            identity = self._identities[item.identity]
+            extra = self.targets[item.backend].call_kwargs(identity,
+                                                          self.identity_images(item.identity))
+            bf = bf_core.wrap(pipe, backend=item.backend, config=setting.config)
+            result = bf(**call, **extra, return_fusion_maps=setting.config.enabled)
+            image, diagnostics = result.images[0], result.diagnostics
+            if result.fusion_maps is not None and len(result.fusion_steps):
+                fusion = (result.fusion_maps, result.fusion_steps)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak, peak_kind = _peak_memory_mb(getattr(pipe, "device", "cpu"))
+        files = {"image": {"path": self.image_path(item),
+                           "sha256": atomic_write_image(self.out / self.image_path(item), image)}}
+        id_share = None
+        if fusion is not None:
+            from bf_core.visualize import render_fusion_strip
+
+            maps, steps = fusion
+            strip = render_fusion_strip(maps, steps, sample=0, image=image)
+            path = f"fusion/{item.item_id}.png"
+            files["fusion_strip"] = {"path": path,
+                                     "sha256": atomic_write_image(self.out / path, strip)}
+            id_share = 100.0 * float(maps[-1, 0].float().mean())
+        self.manifest.append({
+            "kind": "image", "item": item.item_id, "fingerprint": item.fingerprint,
+            "files": files, "seconds": seconds, "unet_rows": diagnostics.get("unet_rows"),
+            "unet_calls": diagnostics.get("unet_calls"), "peak_memory_mb": peak,
+            "peak_memory_kind": peak_kind, "id_region_final": id_share,
+            "device": str(getattr(pipe, "device", "cpu")), "rank": self.rank})
+        self._log("generated", item)
+
+    # -- phase 2: metrics ---------------------------------------------------------------------
+    def metrics_fingerprint(self, item: WorkItem, image_sha: str) -> str:
+        models = {k: v for k, v in dataclasses.asdict(self.spec.models).items()
+                  if k not in ("_cache", "device", "cache_dir")}
+        return fingerprint(item.fingerprint, image_sha, [m.name for m in self.metric_list], models)
+
+    def score_all(self) -> None:
+        context = MetricContext(self.spec.models)
+        for item in _progress(self.my_items, self.spec, "scoring", self.rank):
+            record = self.manifest.get("image", item.item_id)
+            if record is None:
+                continue
+            image_sha = record["files"]["image"]["sha256"]
+            key = self.metrics_fingerprint(item, image_sha)
+            if self.manifest.verified("metrics", item.item_id, key):
+                continue
+            self.score(item, image_sha, key, context)
+            self.scored += 1
+
+    def score(self, item: WorkItem, image_sha: str, key: str, context: MetricContext) -> None:
+        from PIL import Image
+
+        with Image.open(self.out / self.image_path(item)) as handle:
+            image = handle.convert("RGB")
+        identity = None if item.is_reference else self._identities[item.identity]
+        sample = Sample(image=image, prompt=item.prompt, identity=identity, item=item)
+        values: dict[str, float | None] = {}
+        files: dict[str, dict[str, str]] = {}
+        for metric in self.metric_list:
+            if metric.kind == "set":
+                path = f"features/{metric.name}/{item.item_id}.npy"
+                files[f"features:{metric.name}"] = {
+                    "path": path,
+                    "sha256": atomic_write_array(self.out / path, metric.features(sample, context))}
+            elif not item.is_reference:
+                values.update(metric.score(sample, context))
+        row_path = f"metrics/{item.item_id}.json"
+        row = {"item": item.item_id, "image_sha256": image_sha, "values": values}
+        files["row"] = {"path": row_path, "sha256": atomic_write_json(self.out / row_path, row)}
+        self.manifest.append({"kind": "metrics", "item": item.item_id, "fingerprint": key,
+                              "files": files, "image_sha256": image_sha, "rank": self.rank})
+        self._log("scored", item)
+
+    # -- phase 3: merge -----------------------------------------------------------------------
+    def complete(self) -> list[WorkItem]:
+        """Grid items still missing an intact image or metric row (reads every rank's manifest)."""
+        self.manifest.reload()
+        missing = []
+        for item in self.grid:
+            record = self.manifest.verified("image", item.item_id, item.fingerprint, self._size())
+            if record is None or self.manifest.verified(
+                    "metrics", item.item_id,
+                    self.metrics_fingerprint(item, record["files"]["image"]["sha256"])) is None:
+                missing.append(item)
+        return missing
+
+    def wait_for_other_ranks(self, timeout: float | None, poll: float = 2.0) -> list[WorkItem]:
+        start = time.monotonic()
+        missing = self.complete()
+        while missing and self.world_size > 1:
+            if timeout is not None and time.monotonic() - start > timeout:
+                break
+            time.sleep(poll)
+            missing = self.complete()
+        return missing
+
+    def collect_rows(self) -> list[dict[str, Any]]:
+        """One row per grid item: its keys, image stats and metric values."""
+        rows = []
+        for item in self.grid:
+            image = self.manifest.get("image", item.item_id) or {}
+            metrics = self.manifest.get("metrics", item.item_id)
+            values = {}
+            if metrics is not None:
+                values = json.loads((self.out / metrics["files"]["row"]["path"]).read_text())["values"]
+            rows.append({"item": item, "image": image, "values": values,
+                         "features": {k.split(":", 1)[1]: v["path"]
+                                      for k, v in (metrics or {}).get("files", {}).items()
+                                      if k.startswith("features:")}})
+        return rows
+
+    def reference_features(self, metric: Any, rows: list[dict[str, Any]]):
+        """(m, d) reference features of a set metric: generated base-model images or a folder."""
+        import numpy as np
+
+        if self.spec.fid_reference_dir is None:
+            arrays = [load_array(self.out / r["features"][metric.name]) for r in rows
+                      if r["item"].is_reference and metric.name in r["features"]]
+            return np.stack(arrays) if arrays else np.zeros((0, 1))
+        return self._folder_features(metric, Path(self.spec.fid_reference_dir))
+
+    def _folder_features(self, metric: Any, folder: Path):
+        import numpy as np
+        from PIL import Image
+
+        from benchmarks.scenarios import IMAGE_SUFFIXES
+
+        context = MetricContext(self.spec.models)
+        arrays = []
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in _progress(paths, self.spec, "reference features", self.rank):
+            cache = self.out / "features" / metric.name / "reference-folder" / f"{sha256_file(path)}.npy"
+            if cache.exists():
+                try:
+                    arrays.append(load_array(cache))
+                    continue
+                except (OSError, ValueError):
+                    pass  # a damaged cache entry: compute it again
+            with Image.open(path) as handle:
+                sample = Sample(handle.convert("RGB"), "", None, None)
+            feature = metric.features(sample, context)
+            atomic_write_array(cache, feature)
+            arrays.append(feature)
+        return np.stack(arrays) if arrays else np.zeros((0, 1))
+
+    def run(self, report: bool = True, wait_timeout: float | None = None) -> RunResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self._write_run_info()
+        self.generate_all()
+        self.score_all()
+        report_dir = None
+        if report and self.rank == 0:
+            from benchmarks.report import write_report
+
+            missing = self.wait_for_other_ranks(wait_timeout)
+            report_dir = write_report(self, missing)
+        return RunResult(self.rank, self.world_size, self.generated, self.scored, self.skipped,
+                         report_dir)
+
+    def _write_run_info(self) -> None:
+        spec = self.spec
+        info = {"backends": list(self.targets), "skipped_backends": self.skipped,
+                "settings": {s.name: dataclasses.asdict(s.config) for s in spec.settings},
+                "identities": {i.name: [str(p) for p in i.images] for i in spec.identities},
+                "prompt_sets": {p.name: list(p.prompts) for p in spec.prompt_sets},
+                "seeds": list(spec.seeds), "params": dataclasses.asdict(spec.params),
+                "tiny": spec.tiny, "base_model": spec.base_model, "checkpoints": spec.checkpoints,
+                "metrics": [m.name for m in self.metric_list], "world_size": self.world_size,
+                "items": len(self.grid)}
+        atomic_write_json(self.out / "run.json", info)
+
+
+def run_benchmark(spec: BenchSpec, rank: int | None = None, world_size: int | None = None,
+                  report: bool = True, wait_timeout: float | None = None) -> RunResult:
+    """Run this process's share of ``spec`` and, on rank 0, write the merged report."""
+    return Runner(spec, rank, world_size).run(report=report, wait_timeout=wait_timeout)

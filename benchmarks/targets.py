@@ -1,0 +1,107 @@
+"""How the benchmark builds a pipeline and identity inputs for any installed backend.
+
+The benchmark protocol is optional; a backend implements what it can:
+
+- ``benchmark_pipeline(base_model, checkpoint, *, torch_dtype, device)``: the pipeline
+  this backend serves. Without it, ``from_pretrained`` with the same arguments is used.
+- ``benchmark_tiny_pipeline(seed=0)``: an offline tiny pipeline it serves, for
+  ``--tiny`` runs. Without it the backend is left out of tiny runs (with a note).
+- ``benchmark_call_kwargs(identity, images)``: the call keywords that give one identity
+  (``identity`` is a ``BenchIdentity``, ``images`` its reference photos as PIL images).
+  Without it: ``id_images=images`` plus ``id_prompt`` when the identity sets one.
+
+Backends shipped before this protocol existed get their answers from ``KNOWN_BACKENDS``
+below, which holds only what their public API already offers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bf_core.errors import ConfigError
+
+
+@dataclass
+class BackendTarget:
+    """Everything the runner needs from one backend."""
+
+    name: str
+    build_pipeline: Callable[[str | None], Any]  # checkpoint -> pipeline
+    call_kwargs: Callable[[Any, list], dict[str, Any]]  # (identity, images) -> keywords
+
+
+def default_call_kwargs(backend: Any, identity: Any, images: list) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"id_images": images}
+    id_prompt = identity.option(backend.name, "id_prompt", identity.id_prompt)
+    if id_prompt:
+        kwargs["id_prompt"] = id_prompt
+    return kwargs
+
+
+def _dreambooth_tiny(seed: int = 0):
+    from bf_core.tiny import add_tiny_lora, tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(seed=seed)
+    add_tiny_lora(pipe, adapter_name="identity")
+    return pipe
+
+
+def _dreambooth_kwargs(backend: Any, identity: Any, images: list) -> dict[str, Any]:
+    # The identity lives in the LoRA and its trigger prompt; the photos only feed the metrics.
+    id_prompt = identity.option(backend.name, "id_prompt", identity.id_prompt)
+    return {"id_prompt": id_prompt or backend.default_id_prompt}
+
+
+#: name -> (tiny pipeline builder, call keywords) for backends without the protocol
+KNOWN_BACKENDS: dict[str, tuple[Callable | None, Callable | None]] = {
+    "dreambooth": (_dreambooth_tiny, _dreambooth_kwargs),
+}
+
+
+def resolve_target(backend: Any, *, tiny: bool, base_model: str | None, torch_dtype: Any = None,
+                   device: str | None = None) -> BackendTarget | str:
+    """The backend's target, or a sentence saying why it cannot be benchmarked here."""
+    known_tiny, known_kwargs = KNOWN_BACKENDS.get(backend.name, (None, None))
+    if hasattr(backend, "benchmark_call_kwargs"):
+        call_kwargs = backend.benchmark_call_kwargs
+    elif known_kwargs is not None:
+        def call_kwargs(identity, images, _f=known_kwargs):
+            return _f(backend, identity, images)
+    else:
+        def call_kwargs(identity, images):
+            return default_call_kwargs(backend, identity, images)
+
+    if tiny:
+        builder = getattr(backend, "benchmark_tiny_pipeline", None) or known_tiny
+        if builder is None:
+            return "has no benchmark_tiny_pipeline() (see docs/benchmark.md, 'Backend protocol')"
+        return BackendTarget(backend.name, lambda checkpoint, _b=builder: _b(seed=0), call_kwargs)
+
+    builder = getattr(backend, "benchmark_pipeline", None) or getattr(backend, "from_pretrained", None)
+    if builder is None:
+        return "has neither benchmark_pipeline() nor from_pretrained()"
+    if not base_model:
+        raise ConfigError("--base-model is required (a diffusers SDXL folder or hub id), or pass "
+                          "--tiny for the offline tiny setup")
+    return BackendTarget(
+        backend.name,
+        lambda checkpoint, _b=builder: _b(base_model, checkpoint, torch_dtype=torch_dtype,
+                                          device=device),
+        call_kwargs)
+
+
+def base_pipeline(*, tiny: bool, base_model: str | None, torch_dtype: Any = None,
+                  device: str | None = None):
+    """The base model alone (no identity method): the FID reference images come from it."""
+    if tiny:
+        from bf_core.tiny import tiny_sdxl_pipeline
+
+        return tiny_sdxl_pipeline(seed=0)
+    if not base_model:
+        raise ConfigError("the FID reference set needs --base-model (or --fid-reference DIR)")
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
+    return pipe.to(device) if device else pipe
