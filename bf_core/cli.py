@@ -11,14 +11,14 @@ import json
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-DEMO_PROMPT = "a person is kneeling by a small lake, touching the water gently and looking into the camera"
 REAL_WEIGHTS_HINT = (
-    "To run with real weights: beyondfacial generate --backend dreambooth "
-    "--base-model stabilityai/stable-diffusion-xl-base-1.0 --checkpoint my_character_lora.safetensors "
-    "--id-prompt \"a photo of sks person\" --prompt \"...\" (README.md, 'Real weights').")
+    "To run with real weights: beyondfacial generate --backend photomaker "
+    "--base-model stabilityai/stable-diffusion-xl-base-1.0 --checkpoint photomaker-v2.bin "
+    "--id-image me.jpg --prompt \"a person img kneeling by a lake\" (README.md, 'Real weights').")
 
 
 # -- argument helpers -------------------------------------------------------------------------
@@ -196,12 +196,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _refuse_overwrite([out / f"{stem}_seed{s}_0.png" for s in args.seed]
                       + [out / f"{stem}_settings.json"], args.overwrite)
     backend = get_registry().get_backend(args.backend)
+    tiny_defaults: dict[str, Any] = {}
     if args.tiny:
-        from bf_core.tiny import add_tiny_lora, tiny_sdxl_pipeline
-
-        pipe = tiny_sdxl_pipeline(seed=0)
-        if args.backend == "dreambooth":
-            add_tiny_lora(pipe)
+        pipe, tiny_defaults = tiny_setup(backend, seed=0)
     else:
         if not args.base_model:
             raise SystemExit("error: --base-model is required (a local diffusers SDXL folder or a "
@@ -218,7 +215,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=False)
     bf = bf_core.wrap(pipe, backend=args.backend, config=config)
     call_kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                       id_prompt=args.id_prompt, id_images=args.id_image or None,
+                       id_prompt=args.id_prompt or tiny_defaults.get("id_prompt"),
+                       id_images=args.id_image or tiny_defaults.get("id_images"),
                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                        height=args.height, width=args.width,
                        num_images_per_prompt=args.num_images)
@@ -227,26 +225,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def tiny_setup(backend, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """(pipe, call keywords): the backend's own tiny offline pipeline and identity inputs."""
+    if not hasattr(backend, "demo_setup"):
+        raise SystemExit(f"error: backend {backend.name!r} has no tiny offline setup "
+                         "(a demo_setup method); choose another with --backend")
+    return backend.demo_setup(seed=seed)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
     import bf_core
-    from bf_core.tiny import add_tiny_lora, tiny_sdxl_pipeline
+    from bf_core.plugins import get_registry
     from bf_core.visualize import contact_sheet
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _refuse_overwrite([out / "demo_seed0_0.png", out / "demo_settings.json"], args.overwrite)
-    print("beyondfacial demo: a TINY SDXL pipeline with RANDOM weights, built offline. The pictures "
-          "are noise-like by design; they show the machinery (two lines, fusion maps), not quality.")
-    pipe = tiny_sdxl_pipeline(seed=0)
-    add_tiny_lora(pipe, adapter_name="identity")
+    _refuse_overwrite([out / f"demo_seed{args.seed}_0.png", out / "demo_settings.json"],
+                      args.overwrite)
+    print(f"beyondfacial demo ({args.backend}): a TINY SDXL pipeline with RANDOM weights, built "
+          "offline. The pictures are noise-like by design; they show the machinery (two lines, "
+          "fusion maps), not quality.")
+    # A random-weight face detector "finds" dozens of faces in any photo; saying so on every
+    # call would only bury the demo's output.
+    from bf_core.faces import MultipleFacesWarning
+
+    warnings.filterwarnings("ignore", category=MultipleFacesWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
+    pipe, call_kwargs = tiny_setup(get_registry().get_backend(args.backend), seed=0)
     pipe.set_progress_bar_config(disable=False, desc="beyondfacial demo")
     config = bf_core.BFConfig()
-    bf = bf_core.wrap(pipe, backend="dreambooth", config=config)
-    call_kwargs = dict(prompt=DEMO_PROMPT, id_prompt="a photo of sks person",
-                       num_inference_steps=args.steps, height=args.size, width=args.size)
+    bf = bf_core.wrap(pipe, backend=args.backend, config=config)
+    call_kwargs.update(num_inference_steps=args.steps, height=args.size, width=args.size)
     written = _run_and_save(bf, args, config, out, call_kwargs, [args.seed], "demo")
     baseline = bf.with_config(enabled=False)(**call_kwargs, output_type="pil",
-                                             generator=__import__("torch").Generator().manual_seed(args.seed))
+                                             generator=torch.Generator().manual_seed(args.seed))
     from PIL import Image
 
     method_image = Image.open(out / f"demo_seed{args.seed}_0.png")
@@ -327,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(func=cmd_env)
 
     demo = sub.add_parser("demo", help="a tiny offline run: image, fusion maps, comparison")
+    demo.add_argument("--backend", default="photomaker",
+                      help="a backend with a tiny offline setup (default: photomaker, the paper's host)")
     demo.add_argument("--out", default="beyondfacial-demo")
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--size", type=int, default=128)

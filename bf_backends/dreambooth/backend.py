@@ -61,6 +61,15 @@ class DreamBoothBackend:
     def open_session(self, pipe: Any, request: GenerationRequest, config: Any) -> DreamBoothSession:
         return DreamBoothSession(self, pipe, request, config)
 
+    def demo_setup(self, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+        """A tiny offline pipeline with a random identity LoRA, and its call keywords."""
+        from bf_core.tiny import add_tiny_lora, tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline(seed=seed)
+        add_tiny_lora(pipe, adapter_name="identity", seed=seed)
+        return pipe, {"prompt": "a person is kneeling by a small lake, touching the water",
+                      "id_prompt": self.default_id_prompt}
+
     def from_pretrained(self, base_model: str, checkpoint: str | None = None, **kwargs: Any):
         """Build the pipeline from a base SDXL model and an optional identity LoRA file."""
         from bf_backends.dreambooth.loader import load_dreambooth_pipeline

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -336,6 +337,9 @@ class PhotoMakerState:
     version: str
     trigger_word: str = DEFAULT_TRIGGER_WORD
     adapter_name: str = ADAPTER_NAME
+    #: a ``bf_core.faces.FaceAnalyzer`` for V2's face embeddings; None: the backend builds
+    #: one for insightface's ``buffalo_l`` pack when first needed
+    face_analyzer: Any = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -373,7 +377,8 @@ def load_photomaker(pipe, checkpoint: str | os.PathLike | Mapping,
 
     Checks everything first, then: the encoder, loaded strictly, moves to the UNet's
     device and dtype; the trigger word is added to both tokenizers; the LoRA becomes the
-    unfused PEFT adapter ``adapter_name`` of the UNet.
+    unfused PEFT adapter ``adapter_name`` of the UNet. The returned state is also stored
+    as ``pipe.photomaker``, which is how the PhotoMaker backend recognises the pipeline.
     """
     _require_peft()
     if adapter_name in _loaded_adapters(pipe):
@@ -388,4 +393,70 @@ def load_photomaker(pipe, checkpoint: str | os.PathLike | Mapping,
 
     add_trigger_word([pipe.tokenizer, pipe.tokenizer_2], trigger_word)
     pipe.load_lora_weights(peft_lora, adapter_name=adapter_name)
-    return PhotoMakerState(id_encoder, loaded.version, trigger_word, adapter_name)
+    state = PhotoMakerState(id_encoder, loaded.version, trigger_word, adapter_name)
+    pipe.photomaker = state
+    return state
+
+
+# --------------------------------------------------------------------------------------
+# One call from a base model and a checkpoint
+# --------------------------------------------------------------------------------------
+
+#: The official checkpoints on the Hugging Face hub: repository -> file.
+HUB_CHECKPOINTS = {
+    "TencentARC/PhotoMaker": "photomaker-v1.bin",
+    "TencentARC/PhotoMaker-V2": "photomaker-v2.bin",
+}
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike, local_files_only: bool = False) -> str:
+    """A local file path for ``checkpoint``: an existing file, or an official hub id.
+
+    Hub ids (``TencentARC/PhotoMaker``, ``TencentARC/PhotoMaker-V2``) are fetched with
+    ``huggingface_hub`` (cached); offline, the error names the file and where to put it.
+    """
+    path = os.fspath(checkpoint)
+    if os.path.isfile(path):
+        return path
+    filename = HUB_CHECKPOINTS.get(path)
+    if filename is None:
+        known = ", ".join(f"{repo} ({name})" for repo, name in HUB_CHECKPOINTS.items())
+        raise CheckpointError(f"PhotoMaker checkpoint {path!r} is neither a file nor an official "
+                              f"hub id. Pass the path of photomaker-v1.bin / photomaker-v2.bin "
+                              f"or one of: {known}.")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(path, filename, local_files_only=local_files_only)
+    except Exception as exc:  # offline, no such revision, interrupted download
+        raise CheckpointError(
+            f"could not get {filename} from the hub repository {path} ({exc}). Without network, "
+            f"download {filename} from https://huggingface.co/{path} elsewhere, copy it to this "
+            "machine and pass its path as the checkpoint.") from exc
+
+
+def load_photomaker_pipeline(base_model: str, checkpoint: str | os.PathLike,
+                             version: str | int | None = None, *, torch_dtype=None,
+                             device: str | None = None, local_files_only: bool = False,
+                             trigger_word: str = DEFAULT_TRIGGER_WORD):
+    """A diffusers SDXL pipeline from ``base_model`` with PhotoMaker loaded into it.
+
+    base_model: a local diffusers SDXL folder or a hub id (e.g.
+    ``SG161222/RealVisXL_V4.0``, the official demos' base). checkpoint: a ``.bin`` /
+    ``.safetensors`` path or ``TencentARC/PhotoMaker`` / ``TencentARC/PhotoMaker-V2``.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    path = resolve_checkpoint(checkpoint, local_files_only)
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            base_model, torch_dtype=torch_dtype, local_files_only=local_files_only)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not load the SDXL base model {base_model!r} ({exc}). Give a local folder in "
+            "diffusers layout (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, "
+            "tokenizer/, tokenizer_2/, scheduler/), or a hub id with network access.") from exc
+    if device:
+        pipe.to(device)
+    load_photomaker(pipe, path, version, trigger_word=trigger_word)
+    return pipe

@@ -7,9 +7,12 @@ attention projection of a (tiny) UNet exactly as the official files are organise
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,67 +77,96 @@ def write_tiny_checkpoint(path: str | os.PathLike, version: str,
 
 
 # --------------------------------------------------------------------------------------
-# Private: a tiny offline SDXL pipeline for this backend's own tests (not part of the
-# shared test kit that every backend runs).
+# A tiny PhotoMaker pipeline (tests, ``beyondfacial demo``)
 # --------------------------------------------------------------------------------------
 
+ASSETS = Path(__file__).parent / "assets"
 
-def _byte_level_vocab() -> dict[str, int]:
-    """CLIP-style byte vocabulary: 256 byte symbols, their end-of-word forms, BOS, EOS.
 
-    With no merges it tokenises character by character; EOS (513) is the largest id, as
-    CLIP's legacy pooling (argmax of the ids) requires.
+def reference_photo_path() -> Path:
+    """The bundled reference portrait (public domain; see ``assets/SOURCE.md``)."""
+    return ASSETS / "astronaut.jpg"
+
+
+@functools.lru_cache(maxsize=4)
+def random_face_pack(seed: int = 0) -> Path:
+    """A random-weight ``buffalo_l``-named insightface pack in a temporary folder.
+
+    Written once per process and seed. Its detector finds faces on every image (the
+    score bias is strongly positive), so V2's face path runs insightface's real code on
+    any photo; the embeddings are random functions of the face crops.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    # GPT-2's byte-to-unicode map: printable bytes stand for themselves, the rest shift up.
-    shifted = [byte for byte in range(256) if byte not in printable]
-    symbols = [chr(byte) for byte in printable] + [chr(256 + i) for i in range(len(shifted))]
-    tokens = symbols + [symbol + "</w>" for symbol in symbols]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: index for index, token in enumerate(tokens)}
+    from bf_core.testing_faces import make_random_insightface_pack
+
+    folder = Path(tempfile.mkdtemp(prefix="beyondfacial-faces-")) / "buffalo_l"
+    return make_random_insightface_pack(folder, seed=seed, face_logit_bias=10.0)
 
 
-def _byte_level_clip_tokenizer(pad_token: str):
-    """An in-memory CLIPTokenizer (77 tokens) over ``_byte_level_vocab``."""
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], model_max_length=77,
-                         pad_token=pad_token)
+def _seeded(build, seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
-def _tiny_sdxl_pipeline(seed: int = 0):
-    """A 1.4 M-parameter SDXL pipeline: text widths 32 + 32 = UNet cross-attention 64."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def tiny_pipeline(version: int | str = 2, seed: int = 0, scheduler: str = "ddim",
+                  *, face_analyzer: Any = "random"):
+    """A tiny random-weight SDXL pipeline with PhotoMaker ``version`` loaded, offline.
 
-    torch.manual_seed(seed)
-    tokenizer = _byte_level_clip_tokenizer("<|endoftext|>")
-    tokenizer_2 = _byte_level_clip_tokenizer("!")  # SDXL's second tokenizer pads with id 0
-    text_config = CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        projection_dim=32, vocab_size=1000, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=8)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16, 16, 16], in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4, norm_num_groups=8)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                       beta_schedule="scaled_linear",
-                                       timestep_spacing="leading")
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
+    The core's tiny SDXL pipeline plus a tiny encoder and a rank-4 LoRA on every UNet
+    attention projection, written in the official checkpoint layout and read back with
+    ``load_photomaker`` (so the real loading path runs). For V2, ``face_analyzer``
+    "random" attaches a ``FaceAnalyzer`` over ``random_face_pack()`` (needs insightface,
+    onnxruntime and onnx); None leaves the default (real ``buffalo_l``); or pass an
+    analyzer. Deterministic per ``seed``; the global random state is left alone.
+    """
+    from bf_backends.photomaker.encoder import build_tiny_encoder
+    from bf_backends.photomaker.loader import load_photomaker, normalize_version
+    from bf_core.testing import tiny_sdxl_pipeline
+
+    version = normalize_version(version)
+    pipe = tiny_sdxl_pipeline(seed=seed, scheduler=scheduler)
+    source = _seeded(lambda: build_tiny_encoder(version), seed + 10)
+    checkpoint = {
+        "id_encoder": {key: tensor.detach().clone() for key, tensor in source.state_dict().items()},
+        "lora_weights": make_tiny_lora_weights(pipe.unet, rank=4, seed=seed),
+    }
+    # Loading into a meta-built tiny encoder: no second random initialisation.
+    with torch.device("meta"):
+        target = build_tiny_encoder(version)
+    state = load_photomaker(pipe, checkpoint, version, encoder=target)
+    if version == "v2" and face_analyzer is not None:
+        if face_analyzer == "random":
+            from bf_core.faces import PHOTOMAKER_RETRY_DET_SIZES, FaceAnalyzer
+
+            # A small detector input keeps the random detector's face count (and so the
+            # recogniser's work) small; the larger sizes are still tried if none is found.
+            face_analyzer = FaceAnalyzer(model=random_face_pack(), det_size=(128, 128),
+                                         providers=["CPUExecutionProvider"],
+                                         retry_det_sizes=PHOTOMAKER_RETRY_DET_SIZES)
+        state.face_analyzer = face_analyzer
+    return pipe
+
+
+DEMO_PROMPT = "a person img is kneeling by a small lake, touching the water, full body, wide shot"
+
+
+def demo_setup(seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The ``beyondfacial demo`` run: a tiny V2 pipeline and its call keywords.
+
+    Falls back to V1 (no face analysis) when insightface, onnxruntime or onnx is not
+    installed. The keywords hold the bundled reference photo, ``P_id`` and a prompt with
+    the trigger word, so the method-off comparison runs PhotoMaker's own algorithm.
+    """
+    import warnings
+
+    from bf_core.errors import MissingDependencyError
+
+    try:
+        pipe = tiny_pipeline(version=2, seed=seed)
+        pipe.photomaker.face_analyzer.app  # noqa: B018  (build it now: fail here, not mid-call)
+    except (ImportError, MissingDependencyError) as exc:
+        warnings.warn(f"PhotoMaker V2's face analysis is unavailable ({exc}); the demo uses "
+                      "V1. Install beyondfacial[faces] and onnx for V2.", stacklevel=2)
+        pipe = tiny_pipeline(version=1, seed=seed)
+    return pipe, {"prompt": DEMO_PROMPT, "id_images": [str(reference_photo_path())],
+                  "id_prompt": "a person img"}

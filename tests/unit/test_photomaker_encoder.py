@@ -22,11 +22,11 @@ from bf_backends.photomaker.loader import (
 )
 from bf_backends.photomaker.prompt import encode_prompt_with_trigger, fuse_identity
 from bf_backends.photomaker.testing import (
-    _tiny_sdxl_pipeline,
     make_tiny_lora_weights,
     write_tiny_checkpoint,
 )
 from bf_core.errors import CheckpointError, ConfigError
+from bf_core.testing import tiny_sdxl_pipeline
 
 # ---------------------------------------------------------------------------------------
 # An independent reference: explicit formulas, loops over positions and heads
@@ -204,7 +204,7 @@ def test_v2_rejects_missing_or_misaligned_face_embeddings():
 
 @pytest.fixture(scope="module")
 def tiny_pipe_unet():
-    return _tiny_sdxl_pipeline().unet
+    return tiny_sdxl_pipeline().unet
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def tiny_parts(tiny_pipe_unet):
 
 def test_wrong_version_names_both(tiny_parts, tmp_path):
     path = write_tiny_checkpoint(tmp_path / "pm.bin", "v1", tiny_parts["v1"][0],
-                                 _tiny_sdxl_pipeline().unet)
+                                 tiny_sdxl_pipeline().unet)
     with pytest.raises(CheckpointError) as info:
         read_photomaker_checkpoint(path, version="v2")
     assert "'v2'" in str(info.value) and "v1" in str(info.value)
@@ -308,7 +308,7 @@ def test_lora_key_problems_are_named(tiny_parts):
 
 
 def test_lora_that_does_not_fit_the_unet_is_refused_before_loading(tiny_parts, tmp_path):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     contents = tiny_parts["v1"][1]
     key = next(k for k in contents["lora_weights"] if "attn2.processor.to_k_lora.down" in k)
     lora = {**contents["lora_weights"], key: torch.zeros(4, 99)}
@@ -336,7 +336,7 @@ def test_meta_built_encoder_gets_real_position_ids(tiny_parts):
 @pytest.mark.parametrize(("version", "suffix"), [("v1", ".bin"), ("v2", ".safetensors"),
                                                  ("v2", ".bin")])
 def test_tiny_checkpoint_round_trip(tmp_path, version, suffix):
-    pipe = _tiny_sdxl_pipeline()
+    pipe = tiny_sdxl_pipeline()
     torch.manual_seed(2)
     source = build_tiny_encoder(version)
     path = write_tiny_checkpoint(tmp_path / f"pm{suffix}", version, source, pipe.unet)

@@ -20,8 +20,8 @@ from bf_backends.photomaker.prompt import (
     remove_trigger_word,
     trigger_token_id,
 )
-from bf_backends.photomaker.testing import _byte_level_clip_tokenizer, _tiny_sdxl_pipeline
 from bf_core.errors import ConfigError, ImageInputError
+from bf_core.testing import tiny_sdxl_pipeline, tiny_tokenizers
 
 BOS, EOS, PAD, TRIGGER = 100, 101, 0, 999
 A, PERSON, COMMA = 5, 6, 7
@@ -76,7 +76,7 @@ def test_zero_or_two_triggers_are_refused(ids):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = _byte_level_clip_tokenizer("<|endoftext|>")
+    tok = tiny_tokenizers()[0]
     add_trigger_word([tok, None], "img")
     return tok
 
@@ -91,7 +91,7 @@ def test_trigger_is_one_token_split_out_of_the_text(tokenizer):
 
 def test_missing_trigger_token_says_how_to_add_it():
     with pytest.raises(ConfigError, match="add_trigger_word"):
-        trigger_token_id(_byte_level_clip_tokenizer("!"), "img")
+        trigger_token_id(tiny_tokenizers()[1], "img")
 
 
 def test_text_only_prompt_drops_the_first_trigger(tokenizer):
@@ -108,7 +108,7 @@ def test_text_only_prompt_drops_the_first_trigger(tokenizer):
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipeline = _tiny_sdxl_pipeline()
+    pipeline = tiny_sdxl_pipeline()
     add_trigger_word([pipeline.tokenizer, pipeline.tokenizer_2], "img")
     return pipeline
 
@@ -149,7 +149,9 @@ def test_repeated_class_tokens_get_distinct_embeddings(pipe):
 
 
 def test_prompt_too_long_for_all_copies_is_refused(pipe):
-    prompt = "x" * 65 + " person img"  # class token at 71: 6 of the 8 copies fit
+    prompt = "x" * 67 + " person img"  # x by x, then p-er-s-on: class token at 71
+    ids = pipe.tokenizer(prompt).input_ids
+    assert ids.index(pipe.tokenizer.convert_tokens_to_ids("img")) - 1 == 71  # 6 of 8 fit
     with pytest.raises(ConfigError, match="do not fit"):
         encode_prompt_with_trigger(pipe, prompt, "img", 4, 2)
 
