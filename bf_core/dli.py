@@ -83,6 +83,13 @@ def cfg_line_tensors(cond: LineConditioning, time_ids: torch.Tensor, negative_ti
     return _LineTensors(embeds.to(device), text_embeds.to(device), ids.to(device).repeat(rows, 1))
 
 
+def guidance_rescale_of(pipe: Any) -> float:
+    """The call's guidance rescale. Read from the attribute the loop sets (and a callback may
+    change) rather than the ``guidance_rescale`` property, which diffusers' SDXL ControlNet
+    pipelines do not have."""
+    return getattr(pipe, "_guidance_rescale", 0.0) or 0.0
+
+
 def same_negative_rows(a: _LineTensors, b: _LineTensors, rows: int) -> bool:
     """True when two lines' negative (first ``rows``) rows are identical tensors."""
     return (a.embeds.shape == b.embeds.shape and torch.equal(a.embeds[:rows], b.embeds[:rows])
@@ -450,7 +457,7 @@ def run(
                 diagnostics["unet_calls"] += len(batches)
                 diagnostics["unet_rows"] += sum(b.rows for b in batches)
                 noise_pred, id_wins = lines.combine(predictions, batches, do_cfg,
-                                                    pipe.guidance_scale, pipe.guidance_rescale)
+                                                    pipe.guidance_scale, guidance_rescale_of(pipe))
                 if id_wins is not None and return_fusion_maps:
                     fusion_maps.append(id_wins.cpu())
                     fusion_steps.append(i)

@@ -363,3 +363,47 @@ def load_identitynet(source: str | os.PathLike, torch_dtype: torch.dtype | None 
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def assemble_instantid_pipeline(sdxl_pipe, identitynet, ip_adapter,
+                                scale: float = DEFAULT_IP_SCALE):
+    """An InstantID pipeline from a diffusers SDXL pipeline's components.
+
+    Builds a ``StableDiffusionXLControlNetPipeline`` that shares ``sdxl_pipe``'s modules,
+    with ``identitynet`` (a ``ControlNetModel``) as its ControlNet, and loads ``ip_adapter``
+    (path or dict) into its UNet with every ID-attention scale at ``scale``. The backend
+    drives it; its own ``__call__`` would feed text to IdentityNet, which is not InstantID.
+    """
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    wanted = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+              "scheduler", "feature_extractor", "image_encoder")
+    components = {name: sdxl_pipe.components.get(name) for name in wanted}
+    pipe = StableDiffusionXLControlNetPipeline(
+        **components, controlnet=identitynet,
+        force_zeros_for_empty_prompt=sdxl_pipe.config.get("force_zeros_for_empty_prompt", True),
+        add_watermarker=getattr(sdxl_pipe, "watermark", None) is not None)
+    pipe.set_progress_bar_config(**getattr(sdxl_pipe, "_progress_bar_config", {}))
+    load_instantid_adapter(pipe, ip_adapter, scale=scale)
+    return pipe
+
+
+def load_instantid_pipeline(base_model: str | os.PathLike, ip_adapter: str | os.PathLike,
+                            identitynet: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                            scale: float = DEFAULT_IP_SCALE, **from_pretrained_kwargs):
+    """Base SDXL model (folder or hub id in the local cache) + the two InstantID checkpoints.
+
+    ``ip_adapter``: InstantX/InstantID's ``ip-adapter.bin``; ``identitynet``: its
+    ``ControlNetModel`` folder. Nothing is downloaded unless ``from_pretrained_kwargs``
+    allow diffusers to.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    net = load_identitynet(identitynet, torch_dtype=torch_dtype)
+    base = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch_dtype,
+                                                     **from_pretrained_kwargs)
+    # diffusers' loader builds the projection on the UNet's device and dtype.
+    return assemble_instantid_pipeline(base, net, read_instantid_adapter(ip_adapter), scale)

@@ -181,6 +181,7 @@ def reference_noise_prediction(
     latents: Tensor, timestep, scheduler, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor,
     time_ids: Tensor, face_embeddings: Tensor, control_image: Tensor,
     guidance_scale: float, ip_scale: float, conditioning_scale: float,
+    id_tokens: Tensor | None = None,
 ) -> Tensor:
     """One step's guided noise prediction of the official basic InstantID pipeline.
 
@@ -188,12 +189,14 @@ def reference_noise_prediction(
     c = 2n under CFG, else n): latents (n, 4, h, w); prompt_embeds (c, L, D);
     pooled_prompt_embeds (c, P); time_ids (c, 6); face_embeddings (N, 512);
     control_image (1, 3, 8h, 8w) in [0, 1].
-    ``conditioning_scale`` already includes the start/end keep flag. Returns (n, 4, h, w).
+    ``conditioning_scale`` already includes the start/end keep flag. ``id_tokens`` (c, 16, D),
+    if given, replaces the Resampler's output. Returns (n, 4, h, w).
     """
     n = latents.shape[0]
     do_cfg = guidance_scale > 1.0
     copies = 2 if do_cfg else 1
-    id_tokens = reference_id_tokens(instantid_state["image_proj"], face_embeddings, n, do_cfg)
+    if id_tokens is None:
+        id_tokens = reference_id_tokens(instantid_state["image_proj"], face_embeddings, n, do_cfg)
     id_tokens = id_tokens.to(prompt_embeds.dtype)
     model_input = scheduler.scale_model_input(torch.cat([latents] * copies), timestep)
     added = {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids}
@@ -211,3 +214,64 @@ def reference_noise_prediction(
         return noise
     negative, positive = noise.chunk(2)
     return negative + guidance_scale * (positive - negative)
+
+
+@torch.no_grad()
+def reference_instantid_call(
+    pipe, controlnet, instantid_state: Mapping[str, Mapping[str, Tensor]], *,
+    prompt, face_embeddings: Tensor, keypoint_image, height: int, width: int,
+    num_inference_steps: int, generator: torch.Generator, negative_prompt=None,
+    num_images_per_prompt: int = 1, guidance_scale: float = 5.0, ip_scale: float = 0.8,
+    conditioning_scale: float = 0.8, control_guidance_start: float = 0.0,
+    control_guidance_end: float = 1.0, output_type: str = "np", resampler=None,
+):
+    """The official basic pipeline's whole call (spec 3.2), restated for tests.
+
+    Test support only: the backend never runs this; it is the stock algorithm the
+    backend's baseline must equal bit for bit, written from the spec like the per-step
+    ``reference_noise_prediction``. ``resampler`` maps (B, N, 512) to ID tokens; default
+    the official math on ``instantid_state["image_proj"]``. Returns an object with
+    ``.images`` (numpy (n, H, W, 3) or latents).
+    """
+    from types import SimpleNamespace
+
+    device = torch.device("cpu")
+    do_cfg = guidance_scale > 1.0
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
+        do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt)
+    if do_cfg:
+        embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+    rows = num_images_per_prompt
+    control = reference_control_image(keypoint_image, height, width, pipe.vae_scale_factor)
+    height, width = control.shape[-2:]
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype)
+    time_ids = time_ids.repeat(embeds.shape[0], 1)
+    state = dict(instantid_state)
+    if resampler is not None:  # the same official batch [0; emb], through another module
+        emb = face_embeddings.reshape(1, -1, face_embeddings.shape[-1])
+        emb = torch.cat([torch.zeros_like(emb), emb]) if do_cfg else emb
+        tokens = resampler(emb).repeat_interleave(rows, dim=0)
+        state["image_proj"] = None
+    else:
+        tokens = None
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = pipe.scheduler.timesteps
+    latents = pipe.prepare_latents(rows, pipe.unet.config.in_channels, height, width,
+                                   embeds.dtype, device, generator)
+    extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):  # the official loop, one step at a time
+        keep = 0.0 if i / total < control_guidance_start or (i + 1) / total > control_guidance_end \
+            else 1.0
+        noise = reference_noise_prediction(
+            pipe.unet, controlnet, state, latents=latents, timestep=t, scheduler=pipe.scheduler,
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled, time_ids=time_ids,
+            face_embeddings=face_embeddings, control_image=control,
+            guidance_scale=guidance_scale, ip_scale=ip_scale,
+            conditioning_scale=conditioning_scale * keep, id_tokens=tokens)
+        latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+    if output_type == "latent":
+        return SimpleNamespace(images=latents)
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return SimpleNamespace(images=pipe.image_processor.postprocess(image, output_type=output_type))

@@ -19,7 +19,8 @@ from bf_backends.instantid.loader import (
     resampler_shapes,
 )
 
-TINY_RESAMPLER_WIDTH = 128  # two heads of 64, the smallest width diffusers' converter accepts
+TINY_RESAMPLER_WIDTH = 128
+KEYPOINT_IMAGE_GAIN = 30.0  # two heads of 64, the smallest width diffusers' converter accepts
 
 
 def tiny_identitynet_config(cross_attention_dim: int = 64) -> dict:
@@ -68,6 +69,10 @@ def tiny_identitynet(seed: int = 0, cross_attention_dim: int = 64):
         for conv in zero_convs:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
+        # A trained IdentityNet's residuals depend strongly on where the keypoints are; with
+        # random weights the keypoint image must also weigh enough to tell placements apart.
+        embedding_out = net.controlnet_cond_embedding.conv_out.weight
+        embedding_out.mul_(KEYPOINT_IMAGE_GAIN)
     return net.eval()
 
 
@@ -116,3 +121,137 @@ def write_tiny_ip_adapter_bin(path: str | os.PathLike, unet, seed: int = 0,
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, str(path))
     return state_dict
+
+
+# --------------------------------------------------------------------------- tiny pipelines
+
+TINY_IDENTITYNET_SEED_OFFSET = 10
+TINY_ADAPTER_SEED_OFFSET = 11
+
+
+def tiny_pipeline(seed: int = 0, scheduler: str = "ddim", ip_scale: float = 0.8):
+    """A tiny InstantID pipeline the backend recognises, the way ``load_instantid_pipeline``
+    builds real ones: ``bf_core.testing.tiny_sdxl_pipeline`` + a random tiny IdentityNet as
+    the ControlNet + a random ``ip-adapter.bin`` loaded through diffusers' ``load_ip_adapter``.
+    """
+    from bf_backends.instantid.loader import assemble_instantid_pipeline
+    from bf_core.testing import tiny_sdxl_pipeline
+
+    base = tiny_sdxl_pipeline(seed=seed, scheduler=scheduler)
+    net = tiny_identitynet(seed=seed + TINY_IDENTITYNET_SEED_OFFSET,
+                           cross_attention_dim=base.unet.config.cross_attention_dim)
+    state = make_instantid_state_dict(base.unet, seed=seed + TINY_ADAPTER_SEED_OFFSET)
+    return assemble_instantid_pipeline(base, net, state, scale=ip_scale)
+
+
+def tiny_adapter_state(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """The ``ip-adapter.bin`` contents ``tiny_pipeline(seed)`` loaded (official layout)."""
+    from bf_core.testing import tiny_sdxl_pipeline
+
+    unet = tiny_sdxl_pipeline(seed=seed).unet
+    return make_instantid_state_dict(unet, seed=seed + TINY_ADAPTER_SEED_OFFSET)
+
+
+class OfficialStyleResampler(torch.nn.Module):
+    """A Resampler with the official module layout (``image_proj_model`` of the official
+    pipeline): its ``state_dict`` keys are the ``image_proj`` keys of ``ip-adapter.bin``.
+    The forward is the spec's math (``reference.reference_resampler``).
+    """
+
+    def __init__(self, image_proj: dict[str, torch.Tensor]):
+        super().__init__()
+        nn = torch.nn
+        width = image_proj["latents"].shape[-1]
+        out_dim = image_proj["proj_out.weight"].shape[0]
+        depth = len({key.split(".")[1] for key in image_proj if key.startswith("layers.")})
+        self.latents = nn.Parameter(torch.zeros(1, ID_TOKEN_COUNT, width))
+        self.proj_in = nn.Linear(FACE_EMBEDDING_DIM, width)
+        self.proj_out = nn.Linear(width, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+
+        def attention():
+            block = nn.Module()
+            block.norm1, block.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            block.to_q = nn.Linear(width, width, bias=False)
+            block.to_kv = nn.Linear(width, 2 * width, bias=False)
+            block.to_out = nn.Linear(width, width, bias=False)
+            return block
+
+        def feed_forward():
+            return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width, bias=False),
+                                 nn.GELU(), nn.Linear(4 * width, width, bias=False))
+
+        self.layers = nn.ModuleList([nn.ModuleList([attention(), feed_forward()])
+                                     for _ in range(depth)])
+        self.load_state_dict(image_proj, strict=True)
+
+    def forward(self, face_embeddings: torch.Tensor) -> torch.Tensor:
+        from bf_backends.instantid.reference import reference_resampler
+
+        return reference_resampler(self.state_dict(), face_embeddings)
+
+
+class OfficialStyleIPAttnProcessor(torch.nn.Module):
+    """A processor with the official layout: ``to_k_ip``/``to_v_ip`` Linears, float ``scale``,
+    int ``num_tokens``; defines ``forward`` only, as the official class does."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 0.5,
+                 num_tokens: int = ID_TOKEN_COUNT):
+        super().__init__()
+        self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
+        self.scale, self.num_tokens = scale, num_tokens
+        self.to_k_ip = torch.nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = torch.nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                temb=None, *args, **kwargs):
+        from bf_backends.instantid.reference import ReferenceIPAttnProcessor
+
+        math = ReferenceIPAttnProcessor(self.to_k_ip.weight, self.to_v_ip.weight, self.scale,
+                                        self.num_tokens)
+        return math(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def tiny_official_style_pipeline(seed: int = 0, scheduler: str = "ddim", ip_scale: float = 0.8):
+    """The same tiny weights set up the official way (spec section 4), without its code.
+
+    An ``StableDiffusionXLControlNetPipeline`` carrying ``image_proj_model`` (official
+    layout) and official-style processors loaded from ``ip_adapter`` by processor position,
+    what ``load_ip_adapter_instantid`` leaves behind. Same numbers as ``tiny_pipeline(seed)``.
+    """
+    from diffusers import StableDiffusionXLControlNetPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from bf_backends.instantid.loader import cross_attention_numbering
+    from bf_core.testing import tiny_sdxl_pipeline
+
+    base = tiny_sdxl_pipeline(seed=seed, scheduler=scheduler)
+    unet = base.unet
+    net = tiny_identitynet(seed=seed + TINY_IDENTITYNET_SEED_OFFSET,
+                           cross_attention_dim=unet.config.cross_attention_dim)
+    state = make_instantid_state_dict(unet, seed=seed + TINY_ADAPTER_SEED_OFFSET)
+    pipe = StableDiffusionXLControlNetPipeline(
+        **{k: v for k, v in base.components.items()
+           if k not in ("feature_extractor", "image_encoder")},
+        controlnet=net, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    processors: dict[str, object] = {name: AttnProcessor2_0() for name in unet.attn_processors}
+    context_dim = unet.config.cross_attention_dim
+    for k, path in cross_attention_numbering(unet).items():
+        proc = OfficialStyleIPAttnProcessor(unet.get_submodule(path).to_q.in_features,
+                                            context_dim, scale=ip_scale)
+        proc.to_k_ip.weight.data.copy_(state["ip_adapter"][f"{k}.to_k_ip.weight"])
+        proc.to_v_ip.weight.data.copy_(state["ip_adapter"][f"{k}.to_v_ip.weight"])
+        processors[f"{path}.processor"] = proc
+    unet.set_attn_processor(processors)
+    pipe.image_proj_model = OfficialStyleResampler(state["image_proj"]).eval()
+    pipe.image_proj_model_in_features = FACE_EMBEDDING_DIM
+    return pipe
+
+
+def face_pack(folder: str | os.PathLike, finds_faces: bool = True, seed: int = 0) -> Path:
+    """A random antelopev2-named insightface pack that finds faces everywhere or nowhere."""
+    from bf_core.testing_faces import make_random_antelopev2_pack
+
+    return make_random_antelopev2_pack(folder, seed=seed,
+                                       face_logit_bias=10.0 if finds_faces else -10.0)

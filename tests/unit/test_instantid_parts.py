@@ -39,6 +39,7 @@ from bf_backends.instantid.testing import (
     write_tiny_ip_adapter_bin,
 )
 from bf_core.errors import CheckpointError, ConfigError
+from bf_core.testing import tiny_sdxl_pipeline
 
 # Keypoints on a 128 x 160 (width x height) canvas, far enough apart that the joint discs
 # (radius 10) do not touch each other.
@@ -49,64 +50,9 @@ KPS = np.array([[40.0, 50.0], [88.0, 52.0], [64.0, 80.0], [45.0, 115.0], [85.0, 
 # --------------------------------------------------------------------------- tiny SDXL
 
 
-def _byte_level_tokenizer():
-    """CLIP tokenizer over single bytes (514 tokens, EOS the largest id), built in memory."""
-    from transformers import CLIPTokenizer
-
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    symbols = [chars[b] for b in range(256)]
-    vocab = {s: i for i, s in enumerate([*symbols, *(s + "</w>" for s in symbols),
-                                         "<|startoftext|>", "<|endoftext|>"])}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77,
-                         pad_token="<|endoftext|>")
-
-
-def _tiny_sdxl_pipeline(seed: int = 0):
-    """A 1.4 M-parameter SDXL pipeline (cross-attention width 64), random weights, offline."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = _byte_level_tokenizer()
-    text_config = CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        projection_dim=32, vocab_size=len(tokenizer), bos_token_id=len(tokenizer) - 2,
-        eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=64,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing="leading")
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=tokenizer,
-        unet=unet.eval(), scheduler=scheduler, add_watermarker=False)
-
-
 @pytest.fixture
 def pipe():
-    return _tiny_sdxl_pipeline()
+    return tiny_sdxl_pipeline(seed=0)
 
 
 def _unet_inputs(seed: int = 1, batch: int = 2, height: int = 64, width: int = 64):

@@ -1,0 +1,323 @@
+"""The InstantID backend: IdentityNet residuals + face IP attention as the ID line.
+
+Lines (spec ``instantid.md``; decisions in ``docs/backends/instantid.md``):
+
+* ID line (and the baseline): ``P_id`` (or, for the baseline, the user's prompt) as text,
+  the 16 ID tokens in every cross-attention layer at the user's ``ip_adapter_scale``, and
+  IdentityNet run on the ID tokens (never on text) with the keypoint image, its residuals
+  scaled by ``controlnet_conditioning_scale`` and the start/end keep flag.
+* Semantic line: every IP processor's scale at 0 and IdentityNet not called. diffusers'
+  processors then skip the ID branch; the official ones multiply it by 0 (exact for finite
+  values). ``BFConfig(semantic_adapters="on")`` keeps the ID attention on for the semantic
+  line but still never runs IdentityNet there (its keypoints are the ID line's placement).
+* ``T_id``: the 16 projected ID tokens (1, 16, D); negative: the projection of a zero
+  embedding, the official negative branch.
+
+Every processor scale and the UNet's projection slot are captured when the session opens
+and put back when it closes, also after an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from bf_backends.instantid.control import (
+    AutoKeypoints,
+    check_kps_option,
+    control_image_tensor,
+    reference_keypoint_image,
+)
+from bf_backends.instantid.encoder import (
+    InstantIDEncoder,
+    build_face_analyzer,
+    find_instantid_parts,
+)
+from bf_backends.instantid.keypoints import draw_kps
+from bf_backends.instantid.loader import ID_TOKEN_COUNT
+from bf_backends.instantid.state import preserved_attention_state
+from bf_core.dli import guidance_rescale_of, guide
+from bf_core.errors import ConfigError, UnsupportedPipelineError
+from bf_core.protocols import GenerationRequest, Identity, Line, RowBatch
+from bf_core.sdxl import SDXLSession, is_sdxl_pipeline
+
+DEFAULT_CONDITIONING_SCALE = 0.8  # IdentityNet strength of infer.py and the demo
+
+OPTIONS = {
+    "kps": "'auto' (default), 'reference', 'none', (5, 2) keypoints or a keypoint image",
+    "image": "the official pipeline's keypoint-image argument (same as kps=<image>)",
+    "controlnet_conditioning_scale": "IdentityNet strength (default 0.8)",
+    "control_guidance_start": "fraction of steps before IdentityNet starts (default 0)",
+    "control_guidance_end": "fraction of steps after which IdentityNet stops (default 1)",
+    "ip_adapter_scale": "ID attention strength for this call (default: the pipeline's)",
+    "face_embeds": "(N, 512) raw antelopev2 embeddings instead of analysing id_images",
+    "image_embeds": "the official pipeline's name for face_embeds",
+    "face_analyzer": "a bf_core.faces.FaceAnalyzer (or any object with detect/embed)",
+    "preview_face_analyzer": "the detector kps='auto' runs on the preview (default: the same)",
+    "face_model": "insightface pack name or folder (default 'antelopev2')",
+    "face_model_root": "insightface root folder",
+    "face_providers": "onnxruntime execution providers",
+    "face_policy": "'largest' (default), 'highest_score' or 'error' for several faces",
+    "id_negative_prompt": "the ID line's negative prompt (default: the user's)",
+    "id_negative_prompt_2": "the ID line's second negative prompt",
+}
+_ALIASES = {"image": "kps", "image_embeds": "face_embeds"}
+
+
+def normalise_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Check call options against ``OPTIONS`` and map the official pipeline's names."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        listing = "\n".join(f"  {name}: {text}" for name, text in OPTIONS.items())
+        raise ConfigError(f"unknown InstantID option(s) {', '.join(unknown)}; accepted:\n{listing}")
+    normalised = dict(options)
+    for alias, name in _ALIASES.items():
+        if alias in normalised:
+            if name in normalised:
+                raise ConfigError(f"give either {alias}= or {name}=, not both (they are the same).")
+            normalised[name] = normalised.pop(alias)
+    return normalised
+
+
+class _PrecomputedImageTokens(torch.nn.Module):
+    """Stands in for ``unet.encoder_hid_proj`` during a call: passes the tokens through.
+
+    The backend projects the face embedding once per call (the tokens IdentityNet reads
+    too) and hands the UNet the result as ``image_embeds``; diffusers' processors receive
+    exactly those tokens instead of a second, batch-dependent projection.
+    """
+
+    def forward(self, image_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        return image_embeds
+
+
+class InstantIDSession(SDXLSession):
+    """One call on an InstantID pipeline: lines, IdentityNet, keypoints, restore."""
+
+    def __init__(self, backend: Any, pipe: Any, request: GenerationRequest, config: Any):
+        super().__init__(backend, pipe, request, config)
+        parts = find_instantid_parts(pipe)
+        if parts is None:
+            raise UnsupportedPipelineError(f"{type(pipe).__name__} is not set up for InstantID: "
+                                           f"{backend.recognizes_description}")
+        self.parts = parts
+        self.options = normalise_options(request.backend_options)
+        self.kps = check_kps_option(self.options.get("kps", "auto"))
+        self.conditioning_scale = float(self.options.get("controlnet_conditioning_scale",
+                                                         DEFAULT_CONDITIONING_SCALE))
+        self.guidance_window = (float(self.options.get("control_guidance_start", 0.0)),
+                                float(self.options.get("control_guidance_end", 1.0)))
+        if not 0.0 <= self.guidance_window[0] < self.guidance_window[1] <= 1.0:
+            raise ConfigError("control_guidance_start/end must satisfy 0 <= start < end <= 1, got "
+                              f"{self.guidance_window}.")
+        self.encoder = InstantIDEncoder(self)
+        self.id_scales: list = []
+        self._control_cache: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._auto: AutoKeypoints | None = None
+
+    # -- state -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        unet = self.pipe.unet
+        self.restore_stack.enter_context(preserved_attention_state(unet))
+        given = self.options.get("ip_adapter_scale")
+        for proc in self.parts.ip_processors:
+            if given is None:
+                self.id_scales.append(list(proc.scale) if isinstance(proc.scale, list) else proc.scale)
+            else:
+                self.id_scales.append([float(given)] * len(proc.scale)
+                                      if isinstance(proc.scale, list) else float(given))
+        if self.parts.form == "native":
+            unet.encoder_hid_proj = _PrecomputedImageTokens()
+
+    def _set_scales(self, identity_on: bool) -> None:
+        for proc, scale in zip(self.parts.ip_processors, self.id_scales, strict=True):
+            if identity_on:
+                proc.scale = list(scale) if isinstance(scale, list) else scale
+            else:
+                proc.scale = [0.0] * len(scale) if isinstance(scale, list) else 0.0
+
+    def _attention_on(self, line: Line) -> bool:
+        return line is not Line.SEMANTIC or self.config.semantic_adapters == "on"
+
+    @contextmanager
+    def line_state(self, line: Line) -> Iterator[None]:
+        self._set_scales(self._attention_on(line))
+        yield
+
+    # -- identity ----------------------------------------------------------------------------
+    def reference_analyzer(self):
+        return self.backend.face_analyzer(self.options)
+
+    def identity(self) -> Identity:
+        """The encoded identity (also for the baseline line, where the core encodes nothing)."""
+        return self.encoder.encode(self.request.id_images, self.id_prompt, self.request)
+
+    def _tokens(self, batch: RowBatch, identity_on: bool) -> torch.Tensor:
+        """ID tokens for the batch's rows, blocked like the text: [neg x R; pos x R]."""
+        per_branch = batch.rows // len(batch.branches)
+        unet = self.pipe.unet
+        if not identity_on:
+            return torch.zeros(batch.rows, ID_TOKEN_COUNT, unet.config.cross_attention_dim,
+                               dtype=batch.encoder_hidden_states.dtype,
+                               device=batch.encoder_hidden_states.device)
+        identity = self.identity()
+        blocks = []
+        for branch in batch.branches:
+            tokens = identity.negative_tokens if branch == "uncond" else identity.tokens
+            blocks.append(tokens.expand(per_branch, -1, -1))
+        return torch.cat(blocks).to(batch.encoder_hidden_states.device)
+
+    # -- IdentityNet ---------------------------------------------------------------------------
+    def _keep(self, step: int) -> float:
+        """The official start/end keep flag of step ``step`` (0 or 1)."""
+        total = self.pipe.num_timesteps
+        start, end = self.guidance_window
+        return 0.0 if step / total < start or (step + 1) / total > end else 1.0
+
+    def _fixed_control(self, key: str, image) -> tuple[torch.Tensor, None]:
+        if key not in self._control_cache:
+            tensor = control_image_tensor(self.pipe, image, self.request.height, self.request.width)
+            self._control_cache[key] = (tensor, None)
+        return self._control_cache[key]
+
+    def _auto_control(self, step: int, rows: int):
+        """(R, 3, H, W) placed keypoint images and an (R,) keep mask, or (None, None)."""
+        if "auto" not in self._control_cache:
+            images = self._auto.resolve(step, rows, self.request.height, self.request.width)
+            if all(image is None for image in images):
+                self._control_cache["auto"] = (None, None)
+            else:
+                height, width = self.request.height, self.request.width
+                tensors = [torch.zeros(1, 3, height, width) if image is None
+                           else control_image_tensor(self.pipe, image, height, width)
+                           for image in images]
+                mask = torch.tensor([0.0 if image is None else 1.0 for image in images])
+                self._control_cache["auto"] = (torch.cat(tensors), None if mask.all() else mask)
+        return self._control_cache["auto"]
+
+    def _control(self, batch: RowBatch):
+        """The batch's keypoint image per row (R, 3, H, W) and row mask, or (None, None)."""
+        mode = self.kps
+        if isinstance(mode, str) and mode == "auto" and batch.line is Line.BASELINE:
+            mode = "reference"  # the baseline is the official method
+        if isinstance(mode, str):
+            if mode == "none":
+                return None, None
+            if mode == "reference":
+                return self._fixed_control("reference", reference_keypoint_image(
+                    self.identity().state["reference"]))
+            return self._auto_control(batch.step_index, batch.rows // len(batch.branches))
+        if hasattr(mode, "convert"):
+            return self._fixed_control("image", mode)
+        return self._fixed_control("points", draw_kps((self.request.width, self.request.height),
+                                                      mode))
+
+    def _identitynet_residuals(self, batch: RowBatch, tokens: torch.Tensor) -> dict[str, Any]:
+        """IdentityNet on the ID tokens and the keypoint image; {} when it is off."""
+        scale = self.conditioning_scale * self._keep(batch.step_index)
+        if scale == 0.0:
+            return {}
+        control, mask = self._control(batch)
+        if control is None:
+            return {}
+        per_branch = batch.rows // len(batch.branches)
+        controlnet = self.parts.controlnet
+        if control.shape[0] != per_branch:
+            control = control.expand(per_branch, -1, -1, -1)
+        control = torch.cat([control] * len(batch.branches)).to(batch.sample.device,
+                                                                 controlnet.dtype)
+        down, mid = controlnet(
+            batch.sample, batch.timestep, encoder_hidden_states=tokens, controlnet_cond=control,
+            conditioning_scale=scale, guess_mode=False,
+            added_cond_kwargs={"text_embeds": batch.text_embeds, "time_ids": batch.time_ids},
+            return_dict=False)
+        if mask is not None:  # images whose preview showed no face get no residuals
+            rows = torch.cat([mask] * len(batch.branches)).to(mid.device, mid.dtype)
+            down = [residual * rows.view(-1, 1, 1, 1) for residual in down]
+            mid = mid * rows.view(-1, 1, 1, 1)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    # -- the UNet call ---------------------------------------------------------------------------
+    def unet_forward(self, batch: RowBatch) -> torch.Tensor:
+        attention_on = self._attention_on(batch.line)
+        tokens = self._tokens(batch, attention_on)
+        residuals = ({} if batch.line is Line.SEMANTIC
+                     else self._identitynet_residuals(batch, tokens))
+        added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
+        context = batch.encoder_hidden_states
+        if self.parts.form == "native":
+            added["image_embeds"] = [tokens[:, None]]  # (rows, 1 image, 16, D)
+        else:  # official processors read the last 16 context tokens as ID tokens
+            context = torch.cat([context, tokens.to(context.dtype)], dim=1)
+        return self.pipe.unet(
+            batch.sample, batch.timestep, encoder_hidden_states=context,
+            timestep_cond=batch.timestep_cond, cross_attention_kwargs=batch.cross_attention_kwargs,
+            added_cond_kwargs=added, return_dict=False, **residuals)[0]
+
+    def predict_noise(self, batches: Sequence[RowBatch]) -> list[torch.Tensor]:
+        if self._auto is None and isinstance(self.kps, str) and self.kps == "auto" \
+                and self.config.enabled \
+                and any(b.line is Line.SEMANTIC for b in batches):
+            reference = self.identity().state["reference"]
+            if reference.kps is None:
+                raise ConfigError("kps='auto' moves the reference face's keypoints, but only "
+                                  "face_embeds were given: pass id_images too, or choose "
+                                  "kps='none' or your own (5, 2) keypoints.")
+            detector = self.options.get("preview_face_analyzer") or self.reference_analyzer()
+            self._auto = AutoKeypoints(self.pipe, detector, reference)
+        outputs = []
+        for batch in batches:
+            with self.line_state(batch.line):
+                outputs.append(self.unet_forward(batch))
+            if self._auto is not None and batch.line is Line.SEMANTIC:
+                per_branch = batch.rows // len(batch.branches)
+                guided = guide(outputs[-1], len(batch.branches) == 2, self.pipe.guidance_scale,
+                               guidance_rescale_of(self.pipe))[0]
+                self._auto.observe(batch.step_index, batch.sample[:per_branch], guided,
+                                   batch.timestep)
+        return outputs
+
+
+class InstantIDBackend:
+    """InstantID: antelopev2 face embedding -> 16 ID tokens, IP attention and IdentityNet."""
+
+    name = "instantid"
+    recognizes_description = (
+        "a diffusers SDXL ControlNet pipeline with IdentityNet as its ControlNet and the "
+        "InstantID ip-adapter.bin loaded (load_instantid_pipeline), or an official "
+        "StableDiffusionXLInstantIDPipeline after load_ip_adapter_instantid")
+    priority = 30  # above IP-Adapter: an InstantID UNet also carries IP-Adapter processors
+    default_id_prompt = "a person"
+
+    def __init__(self) -> None:
+        self._analyzers: dict[Any, Any] = {}
+
+    def recognizes(self, pipe: Any) -> bool:
+        if not is_sdxl_pipeline(pipe):
+            return False
+        try:
+            return find_instantid_parts(pipe) is not None
+        except ConfigError:  # InstantID-shaped but with extra ControlNets: say so at call time
+            return True
+
+    def open_session(self, pipe: Any, request: GenerationRequest, config: Any) -> InstantIDSession:
+        return InstantIDSession(self, pipe, request, config)
+
+    def face_analyzer(self, options: dict[str, Any]):
+        """The reference-photo analyser for these options, built once per backend."""
+        if options.get("face_analyzer") is not None:
+            return options["face_analyzer"]
+        key = (str(options.get("face_model", "antelopev2")), str(options.get("face_model_root")),
+               tuple(options.get("face_providers") or ()))
+        if key not in self._analyzers:
+            self._analyzers[key] = build_face_analyzer(options)
+        return self._analyzers[key]
+
+    def from_pretrained(self, base_model: str, ip_adapter: str, identitynet: str, **kwargs: Any):
+        """An InstantID pipeline from a base SDXL model, ``ip-adapter.bin`` and IdentityNet."""
+        from bf_backends.instantid.loader import load_instantid_pipeline
+
+        return load_instantid_pipeline(base_model, ip_adapter, identitynet, **kwargs)

@@ -1,0 +1,182 @@
+"""IdentityNet's spatial input: where the keypoint image comes from, and how it is prepared.
+
+``kps`` (a call option) chooses the keypoints:
+
+* ``"reference"``: the official choice, the reference face's own keypoints drawn on the
+  reference photo's canvas, then resized to the output size. It fixes a large, centred
+  face, which is what pulls InstantID towards close-ups.
+* ``"auto"`` (default with BeyondFacial on; our extension, not in the paper): at step M1,
+  the last step before the ID line starts, the semantic line's x0 estimate is decoded to
+  a preview, a face is detected there, and the reference keypoints are moved into that
+  face box by a similarity transform (uniform scale + shift, the face keeps its shape).
+  Marker sizes scale with the move, so the drawing is the reference drawing, moved. An
+  image whose preview shows no face gets no IdentityNet residuals (logged). With
+  BeyondFacial off, ``"auto"`` means ``"reference"``: the baseline is the official method.
+* ``"none"``: IdentityNet is not run; the ID line keeps the ID attention only.
+* a (5, 2) array of keypoints in output pixels (drawn at the output size), or a keypoint
+  image (PIL, resized to the output size like the official control image).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from bf_backends.instantid.keypoints import (
+    JOINT_RADIUS,
+    LIMB_HALF_WIDTH,
+    box_to_box_similarity,
+    draw_kps,
+    keypoints_into_box,
+)
+from bf_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+KPS_MODES = ("auto", "reference", "none")
+
+
+def check_kps_option(kps: Any) -> Any:
+    """Validate the ``kps`` option; returns it (an array is converted to (5, 2) float64)."""
+    if isinstance(kps, str):
+        if kps not in KPS_MODES:
+            raise ConfigError(f"kps must be one of {', '.join(KPS_MODES)}, a (5, 2) keypoint "
+                              f"array in output pixels or a keypoint image; got {kps!r}.")
+        return kps
+    if hasattr(kps, "size") and hasattr(kps, "convert"):  # a PIL image
+        return kps
+    array = np.asarray(kps.detach().cpu() if isinstance(kps, torch.Tensor) else kps,
+                       dtype=np.float64)
+    if array.shape != (5, 2):
+        raise ConfigError(f"kps as keypoints must have shape (5, 2) (x, y in output pixels: "
+                          f"eyes, nose, mouth corners), got {array.shape}.")
+    return array
+
+
+def control_image_tensor(pipe: Any, image, height: int, width: int) -> torch.Tensor:
+    """Keypoint image -> (1, 3, H, W) float32 in [0, 1], the official ControlNet preprocessing.
+
+    diffusers' ``VaeImageProcessor(do_convert_rgb=True, do_normalize=False)``: sides floored
+    to multiples of the VAE scale factor, Lanczos resize only when the size differs.
+    """
+    processor = getattr(pipe, "control_image_processor", None)
+    if processor is None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True,
+                                      do_normalize=False)
+    return processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+
+
+def reference_keypoint_image(reference) -> Any:
+    """The official keypoint image: the reference face's keypoints on its photo's canvas."""
+    if reference.kps is None:
+        raise ConfigError("kps='reference' needs the keypoints of a reference photo, but only "
+                          "face_embeds were given: pass id_images too, or kps='none', or your "
+                          "own (5, 2) keypoints.")
+    return draw_kps(reference.image_size, reference.kps)
+
+
+def placed_keypoint_image(reference, target_box: Sequence[float], size: tuple[int, int]):
+    """The reference keypoints moved into ``target_box`` and drawn on a ``size`` canvas.
+
+    ``size`` is (width, height) of the output; ``target_box`` (x0, y0, x1, y1) in output
+    pixels. The reference face box fits centred inside the target box; the joint radius
+    and limb width are scaled by the same factor, so small faces get small markers.
+    """
+    scale = float(box_to_box_similarity(reference.bbox, target_box)[0, 0])
+    moved = keypoints_into_box(reference.kps, target_box, source_box=reference.bbox)
+    return draw_kps(size, moved, joint_radius=max(1, round(JOINT_RADIUS * scale)),
+                    limb_half_width=max(1, round(LIMB_HALF_WIDTH * scale)))
+
+
+def x0_estimate(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: float,
+                prediction_type: str) -> torch.Tensor:
+    """The clean-latent estimate from a guided prediction, (R, C, h, w) -> (R, C, h, w).
+
+    ``sample`` is the scheduler-scaled model input, which is in variance-preserving form
+    (x_in = sqrt(a) x0 + sqrt(1 - a) eps) for DDIM-like and Euler-like schedulers alike.
+    """
+    a = torch.tensor(alpha_bar, dtype=torch.float32)
+    x_in, out = sample.float(), model_output.float()
+    if prediction_type == "epsilon":
+        return (x_in - (1 - a).sqrt() * out) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_in - (1 - a).sqrt() * out
+    raise ConfigError(f"kps='auto' cannot read a scheduler with prediction_type "
+                      f"{prediction_type!r}; use kps='reference' or 'none'.")
+
+
+def alpha_bar_at(scheduler: Any, timestep: torch.Tensor) -> float | None:
+    """The scheduler's cumulative alpha at ``timestep``, or None if it keeps none."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        return None
+    index = int(torch.as_tensor(timestep).float().round().clamp(0, len(alphas) - 1))
+    return float(alphas[index])
+
+
+def largest_box(faces: Sequence[Any]):
+    """The box of the largest detected face (InstantID's area rule), or None."""
+    if not faces:
+        return None
+    return sorted(faces, key=lambda face: face.area)[-1].bbox
+
+
+class AutoKeypoints:
+    """State of ``kps="auto"`` for one call: the latest x0 estimate, then the placement.
+
+    ``observe`` keeps the semantic line's x0 estimate of each step (cheap tensor math);
+    ``resolve`` (first ID-line step) decodes the estimate of the previous step, i.e. step
+    M1, detects one face per image and returns per row a keypoint image or None.
+    """
+
+    def __init__(self, pipe: Any, detector: Any, reference):
+        self.pipe = pipe
+        self.detector = detector
+        self.reference = reference
+        self.estimates: dict[int, torch.Tensor] = {}
+        self.images: list | None = None
+
+    def observe(self, step: int, sample: torch.Tensor, guided: torch.Tensor,
+                timestep: torch.Tensor) -> None:
+        if self.images is not None:
+            return
+        alpha_bar = alpha_bar_at(self.pipe.scheduler, timestep)
+        if alpha_bar is None:
+            return
+        prediction_type = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+        # Keep this step's and the previous one's: the first ID-line step reads step M1's
+        # estimate after its own semantic rows were observed.
+        self.estimates = {k: v for k, v in self.estimates.items() if k == step - 1}
+        self.estimates[step] = x0_estimate(sample, guided, alpha_bar, prediction_type)
+
+    def resolve(self, step: int, rows: int, height: int, width: int) -> list:
+        """Per row: the placed keypoint image, or None (IdentityNet off for that image)."""
+        if self.images is not None:
+            return self.images
+        estimate = self.estimates.get(step - 1)
+        if estimate is None:
+            logger.warning("kps='auto': no x0 estimate of step %d is available (scheduler "
+                           "without alphas_cumprod?); IdentityNet is off for this call.", step - 1)
+            self.images = [None] * rows
+            return self.images
+        from bf_core.dli import decode_latents
+
+        previews = decode_latents(self.pipe, estimate.to(self.pipe.vae.dtype), "pil")
+        self.images = []
+        for row, preview in enumerate(previews):
+            box = largest_box(self.detector.detect(preview))
+            if box is None:
+                logger.info("kps='auto': no face in the step-%d preview of image %d; IdentityNet "
+                            "is off for this image.", step - 1, row)
+                self.images.append(None)
+            else:
+                logger.info("kps='auto': image %d, face box %s in the step-%d preview.", row,
+                            [round(float(v), 1) for v in box], step - 1)
+                self.images.append(placed_keypoint_image(self.reference, box, (width, height)))
+        return self.images
