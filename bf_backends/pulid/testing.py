@@ -1,15 +1,22 @@
-"""Tiny PuLID checkpoints in the official layout, for offline tests.
+"""Tiny PuLID set-ups for offline tests: checkpoints, face models and whole pipelines.
 
 ``write_tiny_pulid_checkpoint`` writes what the official files hold (one flat dict with
 ``id_adapter.`` and ``id_adapter_attn_layers.`` keys), sized for a given (tiny) UNet: v1
 as a ``torch.save`` pickle ``pulid_v1.bin`` in float32, v1.1 as ``pulid_v1.1.safetensors``
 in float16, like the published files.
+
+``tiny_pipeline`` builds the tiny SDXL pipeline with PuLID attached and a complete face
+pipeline: a random-weight insightface ``antelopev2`` pack (real insightface code), a tiny
+random face parser, and a tiny vision tower with EVA's block layout read through the real
+``EVAFeatures`` hooks (timm's EVA02 at test size is exercised where timm is installed).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,13 +38,15 @@ TINY_VIT_TOKENS = 5
 FILE_NAMES = {"v1": "pulid_v1.bin", "v1.1": "pulid_v1.1.safetensors"}
 
 
-def tiny_encoder_config(version: str, context_dim: int = 64) -> EncoderConfig:
+def tiny_encoder_config(version: str, context_dim: int = 64,
+                        id_cond_dim: int = 24) -> EncoderConfig:
     """Small widths with the official token counts (10 tokens for v1, 32 for v1.1)."""
     if version == "v1":
-        return IDEncoderConfig(id_cond_dim=24, vit_dim=16, mapping_width=16, max_body_width=32,
-                               context_dim=context_dim)
+        return IDEncoderConfig(id_cond_dim=id_cond_dim, vit_dim=16, mapping_width=16,
+                               max_body_width=32, context_dim=context_dim)
     if version == "v1.1":
-        return IDFormerConfig(id_cond_dim=24, vit_dim=16, mapping_width=16, dim=16, depth=5,
+        return IDFormerConfig(id_cond_dim=id_cond_dim, vit_dim=16, mapping_width=16, dim=16,
+                              depth=5,
                               dim_head=4, heads=4, output_dim=context_dim, ff_mult=2)
     raise ConfigError(f"PuLID version must be 'v1' or 'v1.1', got {version!r}.")
 
@@ -80,3 +89,123 @@ def write_tiny_pulid_checkpoint(directory: str | os.PathLike, unet: nn.Module, v
         save_file({key: value.to(torch.float16).contiguous()
                    for key, value in state_dict.items()}, str(path))
     return path
+
+
+# ---------------------------------------------------------------- tiny face pipeline
+
+#: Width and CLIP-embedding size of the tiny vision tower; its input is 28 px (2 x 2 patches).
+TINY_VISION_WIDTH = 16
+TINY_VISION_SIZE = 28
+#: ArcFace (512, as the random antelopev2 pack gives) + the tiny CLIP embedding.
+TINY_ID_COND_DIM = 512 + TINY_VISION_WIDTH
+
+
+class TinyFaceParser(nn.Module):
+    """A random 1x1-convolution "parser": (N, 3, H, W) -> (N, 19, H, W) logits.
+
+    Its labels vary with the pixel colours, so the whitening step keeps and removes pixels.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.classify = nn.Conv2d(3, 19, kernel_size=1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            nn.init.normal_(self.classify.weight, std=1.0)
+            nn.init.normal_(self.classify.bias, std=0.5)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.classify(pixels),)  # BiSeNet's tuple layout
+
+
+class _TinyBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + torch.nn.functional.gelu(self.mlp(self.norm(tokens)))
+
+
+class TinyVisionTower(nn.Module):
+    """EVA's layout at toy size: patch embedding, CLS, position, 20 ``blocks``, norm, head.
+
+    (N, 3, 28, 28) -> head(norm(x)[:, 0]) (N, 16); block outputs are (N, 5, 16).
+    """
+
+    def __init__(self, seed: int = 0, width: int = TINY_VISION_WIDTH, depth: int = 20) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.patch_embed = nn.Conv2d(3, width, kernel_size=14, stride=14)
+            self.cls_token = nn.Parameter(0.1 * torch.randn(1, 1, width))
+            self.pos_embed = nn.Parameter(0.1 * torch.randn(1, 5, width))
+            self.blocks = nn.ModuleList(_TinyBlock(width) for _ in range(depth))
+            self.norm = nn.LayerNorm(width)
+            self.head = nn.Linear(width, width)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(pixels), -1, -1), patches], dim=1)
+        tokens = tokens + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.head(self.norm(tokens)[:, 0])
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_face_pack(seed: int = 0) -> Path:
+    """A random antelopev2 pack that finds faces in every image (written once per seed)."""
+    from bf_core.testing_faces import make_random_antelopev2_pack
+
+    folder = Path(tempfile.mkdtemp(prefix="beyondfacial-tiny-antelopev2-"))
+    return make_random_antelopev2_pack(folder, seed, face_logit_bias=10.0)
+
+
+def tiny_face_features(seed: int = 0, vision: nn.Module | None = None):
+    """The complete PuLID face pipeline with tiny random models (offline, fast).
+
+    vision: an ``EVAFeatures`` to use instead of the tiny stand-in tower (e.g. timm's
+    EVA02 built with ``tiny_eva_args``).
+    """
+    from bf_backends.pulid.eva import EVAFeatures
+    from bf_backends.pulid.features import PuLIDFaceFeatures
+    from bf_core.faces import FaceAnalyzer
+
+    analyzer = FaceAnalyzer(tiny_face_pack(seed), det_size=(128, 128),
+                            providers=["CPUExecutionProvider"])
+    vision = vision or EVAFeatures(TinyVisionTower(seed).eval(), image_size=TINY_VISION_SIZE)
+    return PuLIDFaceFeatures(analyzer, TinyFaceParser(seed).eval(), vision)
+
+
+def tiny_face_image(seed: int = 0, size: int = 96):
+    """A deterministic RGB test photo (smooth colour blobs) as a PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+
+
+def tiny_pipeline(version: str = "v1.1", seed: int = 0, *, mode: str = "fidelity",
+                  id_scale: float = 0.8, features=None):
+    """The tiny SDXL pipeline with PuLID ``version`` attached, as the official v1 runs it.
+
+    Scheduler: DPM-Solver++ with trailing spacing and ``final_sigmas_type="sigma_min"``
+    (pulid.md 1.1). Checkpoint: random, official layout, float32. ``features`` defaults to
+    :func:`tiny_face_features`; ``mode`` / ``id_scale`` are the attached defaults.
+    """
+    from bf_backends.pulid.backend import attach_pulid, lightning_scheduler
+    from bf_core.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(seed=seed, scheduler="euler")
+    pipe.scheduler = lightning_scheduler(pipe.scheduler.config)
+    encoder_config = tiny_encoder_config(version, pipe.unet.config.cross_attention_dim,
+                                         id_cond_dim=TINY_ID_COND_DIM)
+    state_dict = tiny_pulid_state_dict(pipe.unet, version, seed=seed,
+                                       encoder_config=encoder_config)
+    attach_pulid(pipe, state_dict, features or tiny_face_features(seed), version=version,
+                 encoder_config=encoder_config, mode=mode, id_scale=id_scale)
+    return pipe

@@ -36,6 +36,7 @@ from bf_backends.pulid.testing import (
     write_tiny_pulid_checkpoint,
 )
 from bf_core.errors import CheckpointError, ConfigError
+from bf_core.tiny import tiny_unet_config
 
 CONTEXT = 64  # cross_attention_dim of the tiny UNet
 
@@ -43,15 +44,10 @@ CONTEXT = 64  # cross_attention_dim of the tiny UNet
 # ------------------------------------------------------------------ helpers
 
 def _tiny_unet(seed: int = 0, cross_attention_dim: int = CONTEXT) -> UNet2DConditionModel:
-    """The tiny SDXL-shaped UNet of the environment notes (16 processors, 8 cross)."""
+    """The tiny pipeline's SDXL-shaped UNet (16 processors, 8 cross-attention ones)."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
-        layers_per_block=1, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
-        use_linear_projection=True, cross_attention_dim=cross_attention_dim,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80, norm_num_groups=8).eval()
+    config = {**tiny_unet_config(), "cross_attention_dim": cross_attention_dim}
+    return UNet2DConditionModel(**config).eval()
 
 
 def _unet_inputs(batch: int = 2, seed: int = 1) -> dict:
