@@ -40,6 +40,24 @@ def has_ip_adapter(pipe: Any) -> bool:
     return getattr(getattr(pipe, "unet", None), "encoder_hid_proj", None) is not None
 
 
+def load_sdxl_pipeline(base_model: str, torch_dtype=None, device: str | None = None,
+                       local_files_only: bool = False):
+    """``StableDiffusionXLPipeline.from_pretrained`` with a clear message when offline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from bf_core.errors import CheckpointError
+
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            base_model, torch_dtype=torch_dtype, local_files_only=local_files_only)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not load the SDXL base model {base_model!r} ({exc}). Give a local folder in "
+            "diffusers layout (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, "
+            "tokenizer/, tokenizer_2/, scheduler/), or a hub id with network access.") from exc
+    return pipe.to(device) if device else pipe
+
+
 def _broadcast_prompt(value: str | list[str] | None, batch_size: int, what: str):
     if value is None or isinstance(value, str):
         return value

@@ -6,24 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from bf_core.errors import CheckpointError
+from bf_core.sdxl import load_sdxl_pipeline
 
 IDENTITY_ADAPTER = "identity"
-
-
-def load_sdxl_pipeline(base_model: str, torch_dtype=None, device: str | None = None,
-                       local_files_only: bool = False):
-    """``StableDiffusionXLPipeline.from_pretrained`` with a clear message when offline."""
-    from diffusers import StableDiffusionXLPipeline
-
-    try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            base_model, torch_dtype=torch_dtype, local_files_only=local_files_only)
-    except OSError as exc:
-        raise CheckpointError(
-            f"could not load the SDXL base model {base_model!r} ({exc}). Give a local folder in "
-            "diffusers layout (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, "
-            "tokenizer/, tokenizer_2/, scheduler/), or a hub id with network access.") from exc
-    return pipe.to(device) if device else pipe
 
 
 def load_identity_checkpoint(pipe: Any, checkpoint: str, adapter_name: str = IDENTITY_ADAPTER,

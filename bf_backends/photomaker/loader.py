@@ -445,18 +445,10 @@ def load_photomaker_pipeline(base_model: str, checkpoint: str | os.PathLike,
     ``SG161222/RealVisXL_V4.0``, the official demos' base). checkpoint: a ``.bin`` /
     ``.safetensors`` path or ``TencentARC/PhotoMaker`` / ``TencentARC/PhotoMaker-V2``.
     """
-    from diffusers import StableDiffusionXLPipeline
+    from bf_core.sdxl import load_sdxl_pipeline
 
     path = resolve_checkpoint(checkpoint, local_files_only)
-    try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            base_model, torch_dtype=torch_dtype, local_files_only=local_files_only)
-    except OSError as exc:
-        raise CheckpointError(
-            f"could not load the SDXL base model {base_model!r} ({exc}). Give a local folder in "
-            "diffusers layout (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, "
-            "tokenizer/, tokenizer_2/, scheduler/), or a hub id with network access.") from exc
-    if device:
-        pipe.to(device)
+    pipe = load_sdxl_pipeline(base_model, torch_dtype=torch_dtype, device=device,
+                              local_files_only=local_files_only)
     load_photomaker(pipe, path, version, trigger_word=trigger_word)
     return pipe

@@ -286,8 +286,8 @@ def load_pulid_pipeline(base_model: str, checkpoint: str | os.PathLike, features
     The ID encoder and ID projections stay float32 whatever ``torch_dtype`` is, as in the
     official code.
     """
-    from bf_backends.dreambooth.loader import load_sdxl_pipeline
     from bf_core.checkpoints import load_state_dict_file, load_strict
+    from bf_core.sdxl import load_sdxl_pipeline
 
     pipe = load_sdxl_pipeline(base_model, torch_dtype=torch_dtype,
                               local_files_only=local_files_only)
