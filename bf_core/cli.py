@@ -55,6 +55,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--idap-query-file", default=None)
     group.add_argument("--semantic-adapters", choices=("off", "on"), default="off")
     group.add_argument("--share-negative", action="store_true")
+    group.add_argument("--no-batch-lines", action="store_true",
+                       help="one UNet call per line instead of one row-masked call for both")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -69,7 +71,8 @@ def config_from_args(args: argparse.Namespace):
         idap=IdAPConfig(num_tokens=args.idap_tokens, seed=args.idap_seed,
                         temperature=args.idap_temperature, negative=args.idap_negative,
                         query_file=args.idap_query_file),
-        semantic_adapters=args.semantic_adapters, share_negative=args.share_negative)
+        semantic_adapters=args.semantic_adapters, share_negative=args.share_negative,
+        batch_lines=not args.no_batch_lines)
 
 
 def _versions() -> dict[str, str | None]:

@@ -128,6 +128,9 @@ class BFConfig:
         identity machinery switched off, the paper) or ``"on"`` (it stays on).
     share_negative: compute the negative branch once for both lines when they are provably
         identical (same tensors, same model state); changes nothing beyond round-off.
+    batch_lines: evaluate both lines in one row-masked UNet call when the backend can
+        switch its state per row (faster on a GPU; equal to separate calls up to float
+        round-off, see ``bf_core.rowbatch``); False keeps one call per line.
     """
 
     enabled: bool = True
@@ -139,9 +142,10 @@ class BFConfig:
     idap: IdAPConfig = field(default_factory=IdAPConfig)
     semantic_adapters: str = "off"
     share_negative: bool = False
+    batch_lines: bool = True
 
     def __post_init__(self):
-        for name in ("enabled", "use_idaf", "use_idap", "share_negative"):
+        for name in ("enabled", "use_idaf", "use_idap", "share_negative", "batch_lines"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"BFConfig.{name} must be True or False, got {getattr(self, name)!r}")
         _require_threshold("BFConfig.idaf_start", self.idaf_start)

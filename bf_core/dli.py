@@ -35,6 +35,7 @@ from bf_core.config import BFConfig
 from bf_core.errors import ConfigError, NonFiniteError
 from bf_core.fusion import idaf
 from bf_core.protocols import GenerationRequest, Identity, Line, LineConditioning, RowBatch
+from bf_core.rowbatch import merge_row_batches, split_rows
 
 
 @dataclass
@@ -81,6 +82,22 @@ def cfg_line_tensors(cond: LineConditioning, time_ids: torch.Tensor, negative_ti
         text_embeds = torch.cat([cond.negative_pooled, text_embeds], dim=0)
         ids = torch.cat([negative_time_ids, ids], dim=0)
     return _LineTensors(embeds.to(device), text_embeds.to(device), ids.to(device).repeat(rows, 1))
+
+
+class _Predictions(list):
+    """The per-batch noise predictions, remembering whether they came from one merged call."""
+
+    merged: bool = False
+
+
+def predict(session: Any, batches: list[RowBatch], batch_lines: bool) -> _Predictions:
+    """Evaluate the step's rows: one merged row-masked call when the backend supports it."""
+    if batch_lines and len(batches) > 1 and session.supports_row_batching(batches):
+        merged = merge_row_batches(batches)
+        predictions = _Predictions(split_rows(session.predict_noise([merged])[0], merged))
+        predictions.merged = True
+        return predictions
+    return _Predictions(session.predict_noise(batches))
 
 
 def guidance_rescale_of(pipe: Any) -> float:
@@ -453,8 +470,8 @@ def run(
                     i, t, latent_model_input, do_cfg,
                     _LineTensors(prompt_embeds, add_text_embeds, add_time_ids),
                     timestep_cond, pipe.cross_attention_kwargs)
-                predictions = session.predict_noise(batches)
-                diagnostics["unet_calls"] += len(batches)
+                predictions = predict(session, batches, config.batch_lines)
+                diagnostics["unet_calls"] += 1 if predictions.merged else len(batches)
                 diagnostics["unet_rows"] += sum(b.rows for b in batches)
                 noise_pred, id_wins = lines.combine(predictions, batches, do_cfg,
                                                     pipe.guidance_scale, guidance_rescale_of(pipe))

@@ -92,15 +92,18 @@ class GenerationRequest:
 
 @dataclass
 class RowBatch:
-    """Rows of one UNet evaluation, all of the same line, tagged by CFG branch.
+    """Rows of one UNet evaluation, tagged by line and CFG branch.
 
+    line: the line of every row, or None for a merged batch of several lines, whose
+        ``row_lines`` tags each row and whose ``parts`` are the batches it merges.
     sample: (R, C, H, W), already ``scale_model_input``-scaled.
     branches: the branch of each block of rows, in order, e.g. ("uncond", "cond"); each
         block holds ``sample.shape[0] // len(branches)`` rows.
     encoder_hidden_states, text_embeds, time_ids: the concatenated conditioning.
+    encoder_attention_mask: (R, L) 1/0 when rows of different context lengths were padded.
     """
 
-    line: Line
+    line: Line | None
     step_index: int
     timestep: torch.Tensor
     sample: torch.Tensor
@@ -111,6 +114,9 @@ class RowBatch:
     timestep_cond: torch.Tensor | None = None
     cross_attention_kwargs: dict[str, Any] | None = None
     conditioning: LineConditioning | None = None
+    row_lines: tuple[Line, ...] | None = None
+    parts: tuple[RowBatch, ...] = ()
+    encoder_attention_mask: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -150,6 +156,10 @@ class BackendSession(Protocol):
 
     def negative_shareable(self) -> bool:
         """True when the ID and semantic lines' negative rows run under identical model state."""
+        ...
+
+    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
+        """True when ``batches`` (several lines) may run as one merged, row-masked UNet call."""
         ...
 
 

@@ -207,6 +207,28 @@ class SDXLSession:
     def negative_shareable(self) -> bool:
         return False
 
+    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
+        """Whether a merged call of ``batches`` can switch this backend's state per row.
+
+        False by default: a backend opts in by overriding this and ``row_state``.
+        """
+        return False
+
+    @contextmanager
+    def row_state(self, batch: RowBatch) -> Iterator[None]:
+        """UNet state for a merged batch: each row sees its own line's state."""
+        raise NotImplementedError(f"{type(self).__name__} cannot switch state per row")
+        yield  # pragma: no cover
+
+    @contextmanager
+    def batch_state(self, batch: RowBatch) -> Iterator[None]:
+        if batch.row_lines is None:
+            with self.line_state(batch.line):
+                yield
+        else:
+            with self.row_state(batch):
+                yield
+
     # -- the UNet call ----------------------------------------------------------------------
     def added_cond_kwargs(self, batch: RowBatch) -> dict[str, Any]:
         return {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
@@ -216,6 +238,9 @@ class SDXLSession:
         return {}
 
     def unet_forward(self, batch: RowBatch) -> torch.Tensor:
+        extra = self.unet_extra_kwargs(batch)
+        if batch.encoder_attention_mask is not None:
+            extra["encoder_attention_mask"] = batch.encoder_attention_mask
         return self.pipe.unet(
             batch.sample,
             batch.timestep,
@@ -224,12 +249,12 @@ class SDXLSession:
             cross_attention_kwargs=batch.cross_attention_kwargs,
             added_cond_kwargs=self.added_cond_kwargs(batch),
             return_dict=False,
-            **self.unet_extra_kwargs(batch),
+            **extra,
         )[0]
 
     def predict_noise(self, batches: Sequence[RowBatch]) -> list[torch.Tensor]:
         outputs = []
         for batch in batches:
-            with self.line_state(batch.line):
+            with self.batch_state(batch):
                 outputs.append(self.unet_forward(batch))
         return outputs

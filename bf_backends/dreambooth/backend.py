@@ -8,11 +8,12 @@ adapter switched off in the UNet and both text encoders (``BFConfig.semantic_ada
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from bf_core.protocols import GenerationRequest, Line
+from bf_core.protocols import GenerationRequest, Line, RowBatch
+from bf_core.rowbatch import lora_row_maskable, lora_rows, row_mask
 from bf_core.sdxl import SDXLSession, has_ip_adapter, is_sdxl_pipeline
 from bf_core.switching import adapters_disabled
 
@@ -43,6 +44,17 @@ class DreamBoothSession(SDXLSession):
     def negative_shareable(self) -> bool:
         # With adapters on for both lines, the two lines run the very same model.
         return not self._semantic_off
+
+    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
+        return not self._semantic_off or lora_row_maskable([self.pipe.unet])
+
+    @contextmanager
+    def row_state(self, batch: RowBatch) -> Iterator[None]:
+        if not self._semantic_off:
+            yield  # every row runs the same model
+            return
+        with lora_rows([self.pipe.unet], row_mask(batch, (Line.ID, Line.BASELINE))):
+            yield
 
 
 class DreamBoothBackend:

@@ -105,7 +105,8 @@ def test_id_line_and_idap_start_after_their_thresholds(pipe):
         steps_seen.append((step, len(recorder.calls)))
         return tensors
 
-    config = bf_core.BFConfig(idaf_start=3, idap_start=5, idap=bf_core.IdAPConfig(num_tokens=8))
+    config = bf_core.BFConfig(idaf_start=3, idap_start=5, idap=bf_core.IdAPConfig(num_tokens=8),
+                              batch_lines=False)  # one UNet call per line, to see each line
     try:
         bf_core.wrap(pipe, config=config)(prompt=PROMPT, id_prompt=ID_PROMPT,
                                           callback_on_step_end=remember,

@@ -1,0 +1,145 @@
+"""Both lines in one UNet call: merging row batches, and per-row switches.
+
+At a step where both lines run, the loop can evaluate the semantic rows and the ID rows in
+one UNet call instead of two (on a GPU one batch-4 call costs far less than two batch-2
+calls). That needs every piece of per-line model state to be switchable per *row*:
+
+- a PEFT LoRA on for some rows and off for others: ``lora_rows`` scales each LoRA
+  up-projection's output by a per-row 0/1 mask, so off rows get exactly ``base + 0``;
+- attention-processor adapters: their identity tokens zeroed for the off rows (a zero
+  token gives zero keys and values through bias-free projections, so exactly zero
+  attention output) or a processor's own per-row switch;
+- ControlNet residuals computed for the ID rows only, zero for the others;
+- per-row context lengths: after M2 the semantic rows carry K + 77 tokens and the ID rows
+  77. Shorter rows are padded at the end with zero tokens that an encoder attention mask
+  removes; the padded keys get exactly zero softmax weight.
+
+Equality with separate calls is to float round-off only, not bit for bit: CPU and GPU
+matrix kernels depend on the batch size (the stock UNet itself gives results about 1e-6
+apart for one batch-4 call and two batch-2 calls), and a longer masked sequence changes the
+attention kernel's summation. ``BFConfig(batch_lines=False)`` keeps separate calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from bf_core.protocols import Line, RowBatch
+
+
+def pad_tokens(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (R, L, D) tokens at the end to ``length`` with zeros; return them and the mask.
+
+    The mask (R, length) is 1 for real tokens and 0 for padding, as the UNet's
+    ``encoder_attention_mask`` expects.
+    """
+    rows, current, dim = embeds.shape
+    mask = torch.ones(rows, length, device=embeds.device, dtype=embeds.dtype)
+    if current == length:
+        return embeds, mask
+    padding = embeds.new_zeros(rows, length - current, dim)
+    mask[:, current:] = 0
+    return torch.cat([embeds, padding], dim=1), mask
+
+
+def merge_row_batches(batches: Sequence[RowBatch]) -> RowBatch:
+    """One batch holding every row of ``batches``, in order, tagged per row with its line.
+
+    Context lengths are padded to the longest with an attention mask (``pad_tokens``); the
+    mask is None when all lengths agree, so no masked-attention kernel is used needlessly.
+    """
+    length = max(b.encoder_hidden_states.shape[1] for b in batches)
+    padded = [pad_tokens(b.encoder_hidden_states, length) for b in batches]
+    same_length = all(b.encoder_hidden_states.shape[1] == length for b in batches)
+    row_lines = tuple(line for b in batches for line in [b.line] * b.rows)
+    first = batches[0]
+    return RowBatch(
+        line=None,
+        step_index=first.step_index,
+        timestep=first.timestep,
+        sample=torch.cat([b.sample for b in batches]),
+        branches=tuple(branch for b in batches for branch in b.branches),
+        encoder_hidden_states=torch.cat([embeds for embeds, _ in padded]),
+        text_embeds=torch.cat([b.text_embeds for b in batches]),
+        time_ids=torch.cat([b.time_ids for b in batches]),
+        timestep_cond=(None if first.timestep_cond is None
+                       else torch.cat([b.timestep_cond for b in batches])),
+        cross_attention_kwargs=first.cross_attention_kwargs,
+        conditioning=None,
+        row_lines=row_lines,
+        parts=tuple(batches),
+        encoder_attention_mask=None if same_length else torch.cat([mask for _, mask in padded]),
+    )
+
+
+def split_rows(output: torch.Tensor, merged: RowBatch) -> list[torch.Tensor]:
+    """Undo ``merge_row_batches`` on the UNet output: one tensor per original batch."""
+    return list(output.split([part.rows for part in merged.parts]))
+
+
+def row_mask(batch: RowBatch, lines: Iterable[Line]) -> torch.Tensor:
+    """(R,) float mask of the batch's rows that belong to ``lines`` (1) or not (0)."""
+    wanted = set(lines)
+    row_lines = batch.row_lines or (batch.line,) * batch.rows
+    return torch.tensor([1.0 if line in wanted else 0.0 for line in row_lines],
+                        device=batch.sample.device)
+
+
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(R,) mask shaped to broadcast over ``like`` (R, ...), in its dtype."""
+    if like.shape[0] != mask.shape[0]:
+        raise RuntimeError(f"a row-masked layer saw {like.shape[0]} rows but the mask has "
+                           f"{mask.shape[0]}; this layer folds the batch and cannot be row-masked")
+    return mask.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def lora_up_projections(modules: Iterable[torch.nn.Module | None],
+                        adapter_names: Iterable[str] | None = None) -> list[torch.nn.Module]:
+    """The active LoRA up-projections (``lora_B``) of every PEFT LoRA layer in ``modules``."""
+    from bf_core.switching import _adapter_names, peft_tuner_layers
+
+    wanted = None if adapter_names is None else set(adapter_names)
+    found = []
+    for module in modules:
+        for _, layer in peft_tuner_layers(module):
+            lora_b = getattr(layer, "lora_B", None)
+            if lora_b is None or layer._disable_adapters:
+                continue
+            for name in _adapter_names(layer):
+                if (wanted is None or name in wanted) and name in lora_b:
+                    found.append(lora_b[name])
+    return found
+
+
+def lora_row_maskable(modules: Iterable[torch.nn.Module | None]) -> bool:
+    """True when every PEFT layer is a plain, unmerged LoRA whose output a mask can scale."""
+    from bf_core.switching import peft_tuner_layers
+
+    for module in modules:
+        for _, layer in peft_tuner_layers(module):
+            if getattr(layer, "merged", False) or not hasattr(layer, "lora_B"):
+                return False
+            if any(getattr(layer, "use_dora", {}).values()):
+                return False  # DoRA rescales the base output too: a mask on B is not enough
+    return True
+
+
+@contextmanager
+def lora_rows(modules: Iterable[torch.nn.Module | None], enabled_rows: torch.Tensor,
+              adapter_names: Iterable[str] | None = None) -> Iterator[None]:
+    """LoRA on for the rows where ``enabled_rows`` is 1 and off where it is 0, in one call.
+
+    A forward hook on each LoRA up-projection multiplies its output by the row mask, so an
+    off row adds exactly zero to the base layer's output. Hooks are removed on exit.
+    """
+    handles = [up.register_forward_hook(
+        lambda module, args, output: output * _per_row(enabled_rows, output))
+        for up in lora_up_projections(modules, adapter_names)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
