@@ -96,50 +96,62 @@ def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
-def lora_up_projections(modules: Iterable[torch.nn.Module | None],
-                        adapter_names: Iterable[str] | None = None) -> list[torch.nn.Module]:
-    """The active LoRA up-projections (``lora_B``) of every PEFT LoRA layer in ``modules``."""
-    from bf_core.switching import _adapter_names, peft_tuner_layers
-
-    wanted = None if adapter_names is None else set(adapter_names)
-    found = []
-    for module in modules:
-        for _, layer in peft_tuner_layers(module):
-            lora_b = getattr(layer, "lora_B", None)
-            if lora_b is None or layer._disable_adapters:
-                continue
-            for name in _adapter_names(layer):
-                if (wanted is None or name in wanted) and name in lora_b:
-                    found.append(lora_b[name])
-    return found
+def lora_layer_row_maskable(layer: torch.nn.Module) -> bool:
+    """True for a plain, unmerged LoRA layer, whose output a mask on ``lora_B`` can switch."""
+    if getattr(layer, "merged", False) or not hasattr(layer, "lora_B"):
+        return False
+    # DoRA rescales the base output too: a mask on B alone would not switch it off.
+    return not any(getattr(layer, "use_dora", {}).values())
 
 
 def lora_row_maskable(modules: Iterable[torch.nn.Module | None]) -> bool:
-    """True when every PEFT layer is a plain, unmerged LoRA whose output a mask can scale."""
-    from bf_core.switching import peft_tuner_layers
+    """True when every PEFT layer in ``modules`` can be switched per row."""
+    from bf_core.switching import AdapterSwitch
 
-    for module in modules:
-        for _, layer in peft_tuner_layers(module):
-            if getattr(layer, "merged", False) or not hasattr(layer, "lora_B"):
-                return False
-            if any(getattr(layer, "use_dora", {}).values()):
-                return False  # DoRA rescales the base output too: a mask on B is not enough
-    return True
+    return AdapterSwitch(modules).row_maskable
+
+
+def _active_up_projections(layers: Iterable[torch.nn.Module],
+                           adapter_names: Iterable[str] | None) -> list[torch.nn.Module]:
+    from bf_core.switching import _adapter_names
+
+    wanted = None if adapter_names is None else set(adapter_names)
+    return [layer.lora_B[name] for layer in layers if not layer._disable_adapters
+            for name in _adapter_names(layer)
+            if name in layer.lora_B and (wanted is None or name in wanted)]
 
 
 @contextmanager
-def lora_rows(modules: Iterable[torch.nn.Module | None], enabled_rows: torch.Tensor,
-              adapter_names: Iterable[str] | None = None) -> Iterator[None]:
+def lora_rows_of_layers(layers: Sequence[torch.nn.Module], enabled_rows: torch.Tensor,
+                        adapter_names: Iterable[str] | None = None) -> Iterator[None]:
     """LoRA on for the rows where ``enabled_rows`` is 1 and off where it is 0, in one call.
 
-    A forward hook on each LoRA up-projection multiplies its output by the row mask, so an
-    off row adds exactly zero to the base layer's output. Hooks are removed on exit.
+    A forward hook on each active LoRA up-projection multiplies its output by the row mask,
+    so an off row adds exactly zero to the base layer's output. Hooks are removed on exit.
     """
     handles = [up.register_forward_hook(
         lambda module, args, output: output * _per_row(enabled_rows, output))
-        for up in lora_up_projections(modules, adapter_names)]
+        for up in _active_up_projections(layers, adapter_names)]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def lora_rows(modules: Iterable[torch.nn.Module | None], enabled_rows: torch.Tensor,
+              adapter_names: Iterable[str] | None = None):
+    """``lora_rows_of_layers`` for every PEFT layer in ``modules`` (found now; a session
+    that switches at every step keeps a ``bf_core.switching.AdapterSwitch`` instead)."""
+    from bf_core.switching import AdapterSwitch
+
+    return AdapterSwitch(modules, adapter_names).rows(enabled_rows)
+
+
+def lora_up_projections(modules: Iterable[torch.nn.Module | None],
+                        adapter_names: Iterable[str] | None = None) -> list[torch.nn.Module]:
+    """The active LoRA up-projections (``lora_B``) of every PEFT LoRA layer in ``modules``."""
+    from bf_core.switching import AdapterSwitch
+
+    switch = AdapterSwitch(modules, adapter_names)
+    return _active_up_projections([layer for _, layer in switch.layers], adapter_names)

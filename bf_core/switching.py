@@ -32,27 +32,42 @@ def _adapter_names(layer: torch.nn.Module) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-@contextmanager
-def adapters_disabled(modules: Iterable[torch.nn.Module | None],
-                      adapter_names: Iterable[str] | None = None) -> Iterator[None]:
-    """Switch PEFT adapters off inside ``modules`` for the duration of the block.
-
-    ``adapter_names=None`` switches every adapter off (the base model exactly). Given names,
-    only layers whose active adapters are all among them are switched off, which is exact
-    for those adapters only when no other adapter shares the layer.
-
-    Why the private flag: PEFT's ``enable_adapters(True)`` also flips ``requires_grad`` on
-    adapter weights, and ``set_adapters`` rewrites adapter scales; toggling the layer's
-    ``_disable_adapters`` flag (what its ``disable_adapters`` property reads) changes nothing
-    else and is put back exactly.
-    """
+def _selected_layers(modules: Iterable[torch.nn.Module | None],
+                     adapter_names: Iterable[str] | None) -> list[tuple[str, torch.nn.Module]]:
+    """The tuner layers whose active adapters are all among ``adapter_names`` (None: all)."""
     wanted = None if adapter_names is None else set(adapter_names)
-    touched: list[tuple[torch.nn.Module, bool]] = []
-    try:
-        for module in modules:
-            for name, layer in peft_tuner_layers(module):
-                if wanted is not None and not set(_adapter_names(layer)) <= wanted:
-                    continue
+    return [(name, layer) for module in modules for name, layer in peft_tuner_layers(module)
+            if wanted is None or set(_adapter_names(layer)) <= wanted]
+
+
+class AdapterSwitch:
+    """PEFT adapters of some modules, found once, then switched off (or per row) many times.
+
+    Walking every module of an SDXL UNet to find its LoRA layers takes milliseconds; a
+    session builds one switch per component and reuses it at every step.
+
+    ``adapter_names=None`` covers every adapter (off = the base model exactly). Given names,
+    only layers whose active adapters are all among them are covered, which is exact for
+    those adapters only when no other adapter shares the layer.
+    """
+
+    def __init__(self, modules: Iterable[torch.nn.Module | None],
+                 adapter_names: Iterable[str] | None = None):
+        self.adapter_names = None if adapter_names is None else list(adapter_names)
+        self.layers = _selected_layers(list(modules), self.adapter_names)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Adapters off for the block.
+
+        Why the private flag: PEFT's ``enable_adapters(True)`` also flips ``requires_grad``
+        on adapter weights, and ``set_adapters`` rewrites adapter scales; toggling the
+        layer's ``_disable_adapters`` flag (what its ``disable_adapters`` property reads)
+        changes nothing else and is put back exactly.
+        """
+        touched: list[tuple[torch.nn.Module, bool]] = []
+        try:
+            for name, layer in self.layers:
                 if getattr(layer, "merged", False):
                     raise ConfigError(
                         f"the LoRA at {name} is fused into the base weights, so it cannot be "
@@ -60,10 +75,30 @@ def adapters_disabled(modules: Iterable[torch.nn.Module | None],
                         "BFConfig(semantic_adapters='on')")
                 touched.append((layer, layer._disable_adapters))
                 layer._disable_adapters = True
-        yield
-    finally:
-        for layer, previous in reversed(touched):
-            layer._disable_adapters = previous
+            yield
+        finally:
+            for layer, previous in reversed(touched):
+                layer._disable_adapters = previous
+
+    @property
+    def row_maskable(self) -> bool:
+        """True when every covered layer is a plain, unmerged LoRA a row mask can switch."""
+        from bf_core.rowbatch import lora_layer_row_maskable
+
+        return all(lora_layer_row_maskable(layer) for _, layer in self.layers)
+
+    def rows(self, enabled_rows: torch.Tensor):
+        """Adapters on for the rows where ``enabled_rows`` is 1, off where it is 0."""
+        from bf_core.rowbatch import lora_rows_of_layers
+
+        return lora_rows_of_layers([layer for _, layer in self.layers], enabled_rows,
+                                   self.adapter_names)
+
+
+def adapters_disabled(modules: Iterable[torch.nn.Module | None],
+                      adapter_names: Iterable[str] | None = None):
+    """Switch PEFT adapters off inside ``modules`` for the block (see ``AdapterSwitch``)."""
+    return AdapterSwitch(modules, adapter_names).disabled()
 
 
 def has_active_adapters(modules: Iterable[torch.nn.Module | None]) -> bool:

@@ -13,13 +13,18 @@ from contextlib import contextmanager
 from typing import Any
 
 from bf_core.protocols import GenerationRequest, Line, RowBatch
-from bf_core.rowbatch import lora_row_maskable, lora_rows, row_mask
+from bf_core.rowbatch import row_mask
 from bf_core.sdxl import SDXLSession, has_ip_adapter, is_sdxl_pipeline
-from bf_core.switching import adapters_disabled
+from bf_core.switching import AdapterSwitch
 
 
 class DreamBoothSession(SDXLSession):
     """Per-call state: which adapters each line sees."""
+
+    def setup(self) -> None:
+        # Found once per call, reused at every step.
+        self.unet_adapters = AdapterSwitch([self.pipe.unet])
+        self.text_adapters = AdapterSwitch([self.pipe.text_encoder, self.pipe.text_encoder_2])
 
     @property
     def _semantic_off(self) -> bool:
@@ -28,7 +33,7 @@ class DreamBoothSession(SDXLSession):
     @contextmanager
     def text_state(self, line: Line) -> Iterator[None]:
         if line is Line.SEMANTIC and self._semantic_off:
-            with adapters_disabled([self.pipe.text_encoder, self.pipe.text_encoder_2]):
+            with self.text_adapters.disabled():
                 yield
         else:
             yield
@@ -36,7 +41,7 @@ class DreamBoothSession(SDXLSession):
     @contextmanager
     def line_state(self, line: Line) -> Iterator[None]:
         if line is Line.SEMANTIC and self._semantic_off:
-            with adapters_disabled([self.pipe.unet]):
+            with self.unet_adapters.disabled():
                 yield
         else:
             yield
@@ -46,14 +51,14 @@ class DreamBoothSession(SDXLSession):
         return not self._semantic_off
 
     def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
-        return not self._semantic_off or lora_row_maskable([self.pipe.unet])
+        return not self._semantic_off or self.unet_adapters.row_maskable
 
     @contextmanager
     def row_state(self, batch: RowBatch) -> Iterator[None]:
         if not self._semantic_off:
             yield  # every row runs the same model
             return
-        with lora_rows([self.pipe.unet], row_mask(batch, (Line.ID, Line.BASELINE))):
+        with self.unet_adapters.rows(row_mask(batch, (Line.ID, Line.BASELINE))):
             yield
 
 
