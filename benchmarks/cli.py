@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ TINY_STEPS = 3
 TINY_SIZE = 64
 TINY_PROMPTS = 2  # per prompt set
 TINY_IDENTITIES = 2
+TINY_THREADS = 1  # tiny models gain nothing from more, and idle OpenMP threads spin
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="BACKEND=PATH, the identity method's checkpoint (repeatable)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice; tiny: 1)")
     parser.add_argument("--metrics", help="comma-separated metric names; default: all installed")
     parser.add_argument("--dino", default="facebook/dino-vits16")
     parser.add_argument("--clip", default="openai/clip-vit-large-patch14")
@@ -83,11 +87,26 @@ def _tiny_identities(folder: Path) -> list[Path]:
             for k in range(2):
                 pixels = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
                 atomic_write_image(person / f"ref{k}.png", Image.fromarray(pixels))
+            # The trigger word is DreamBooth's alone; other backends use their own ID prompt.
             trigger = ["sks", "zwx"][number % 2]
-            atomic_write_bytes(person / "identity.json",
-                               f'{{"id_prompt": "a photo of {trigger} person"}}\n'.encode())
+            meta = {"backends": {"dreambooth": {"id_prompt": f"a photo of {trigger} person"}}}
+            atomic_write_bytes(person / "identity.json", (json.dumps(meta) + "\n").encode())
         paths.append(person)
     return paths
+
+
+def rank_device(device: str | None) -> str:
+    """The device this process uses: ``--device`` as given, except that a bare ``cuda`` (or
+    no choice, with CUDA present) under a multi-process launch means this rank's own GPU,
+    ``cuda:<LOCAL_RANK>``; otherwise every rank would crowd onto GPU 0. A launch that
+    shows each process one GPU (CUDA_VISIBLE_DEVICES) keeps plain ``cuda``."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ and torch.cuda.device_count() > 1:
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return device
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -117,10 +136,8 @@ def spec_from_args(args: argparse.Namespace):
                          "or pass --tiny")
     size = args.size or (TINY_SIZE if tiny else 1024)
     device = args.device
-    if device is None and not tiny:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is not None or not tiny:  # tiny pipelines stay where they are built: the CPU
+        device = rank_device(device)
     checkpoints = {}
     for entry in args.checkpoint:
         backend, _, path = entry.partition("=")
@@ -141,7 +158,17 @@ def spec_from_args(args: argparse.Namespace):
         device=device, metrics=args.metrics.split(",") if args.metrics else None, models=models,
         fid_reference_per_prompt=args.fid_reference_per_prompt,
         fid_reference_dir=Path(args.fid_reference) if args.fid_reference else None,
-        contact_sheet_seeds=args.contact_sheet_seeds, progress=not args.no_progress)
+        contact_sheet_seeds=args.contact_sheet_seeds, progress=not args.no_progress,
+        threads=args.threads or (TINY_THREADS if tiny else None))
+
+
+def lone_cpu_launch() -> bool:
+    """True under ``accelerate launch --cpu --num_processes N`` (N > 1), which starts one
+    process: accelerate's CPU launcher spawns several only through MPI. It sets the
+    rendezvous address for N > 1 but no ``WORLD_SIZE``, which is how this is recognised."""
+    env = os.environ
+    return (env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+            and "MASTER_ADDR" in env and "WORLD_SIZE" not in env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         # The tiny run is offline by definition: never let a library reach for a hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if lone_cpu_launch():
+        print("note: `accelerate launch --cpu` started this one process only (its CPU launcher "
+              "needs MPI for more); for N processes without GPUs use `accelerate launch "
+              "--multi_gpu --num_processes N ...` (torchrun; no GPU is needed) or set RANK and "
+              "WORLD_SIZE per process. Running the whole grid here.", file=sys.stderr)
     from benchmarks.runner import run_benchmark
 
     result = run_benchmark(spec_from_args(args), wait_timeout=args.wait_timeout)

@@ -14,12 +14,15 @@ hold the whole grid, then writes the one merged report.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +55,13 @@ from benchmarks.storage import (
 )
 from benchmarks.targets import BackendTarget, base_pipeline, resolve_target
 
-#: testing hook: exit hard (as if killed) after this many images were generated and recorded
+#: testing hook: SIGKILL this process after this many images were generated and recorded
 EXIT_AFTER_ENV = "BEYONDFACIAL_BENCH_EXIT_AFTER"
-KILLED_EXIT_CODE = 86
+_SIGKILL = getattr(signal, "SIGKILL", None)  # absent on Windows: a hard exit stands in
+#: the exit status of a run killed by that hook, as ``subprocess`` reports it
+KILLED_EXIT_CODE = -_SIGKILL if _SIGKILL is not None else 86
+#: fields of MetricModels that do not change a metric's value (where, and the loaded cache)
+_MODEL_FIELDS_IGNORED = ("_cache", "device", "cache_dir")
 FID_PROMPT_SET = "action"
 
 
@@ -80,6 +87,7 @@ class BenchSpec:
     fid_reference_dir: Path | None = None  # a user folder instead of generated references
     contact_sheet_seeds: int = 1
     progress: bool = True
+    threads: int | None = None  # torch CPU threads during the run; None: leave torch's setting
 
 
 @dataclass
@@ -97,6 +105,42 @@ def rank_and_world() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     return (rank, world) if world > 1 else (0, 1)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch CPU threads and put the previous number back afterwards.
+
+    Tiny models gain nothing from several threads, and idle OpenMP workers spin: on a
+    busy machine two threads burn many times the CPU time of one for the same result.
+    """
+    if count is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _select_cuda_device(device: str | None) -> None:
+    """Make ``cuda:<k>`` the current device, so that the peak-memory counters (which read
+    the current device) and any allocation without an explicit device follow this rank."""
+    if device and device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
+def _kill_self() -> None:
+    """Die as ``kill -9`` would: no cleanup, no flushing; only what is on disk survives."""
+    if _SIGKILL is None:
+        os._exit(KILLED_EXIT_CODE)
+    os.kill(os.getpid(), _SIGKILL)  # the kernel ends the process before this returns
 
 
 def _dtype(name: str):
@@ -240,7 +284,7 @@ class Runner:
             self.generate(item, pipes)
             self.generated += 1
             if self._exit_after and self.generated >= self._exit_after:
-                os._exit(KILLED_EXIT_CODE)  # the kill-and-resume test's "SIGKILL"
+                _kill_self()  # the kill-and-resume test's SIGKILL, at a known point
         pipes.pipe = None
 
     def _build(self, item: WorkItem):
@@ -308,8 +352,10 @@ class Runner:
 
     # -- phase 2: metrics ---------------------------------------------------------------------
     def metrics_fingerprint(self, item: WorkItem, image_sha: str) -> str:
-        models = {k: v for k, v in dataclasses.asdict(self.spec.models).items()
-                  if k not in ("_cache", "device", "cache_dir")}
+        # Read the fields directly: dataclasses.asdict would deep-copy the loaded models.
+        models = {f.name: getattr(self.spec.models, f.name)
+                  for f in dataclasses.fields(self.spec.models)
+                  if f.name not in _MODEL_FIELDS_IGNORED}
         return fingerprint(item.fingerprint, image_sha, [m.name for m in self.metric_list], models)
 
     def score_all(self) -> None:
@@ -425,14 +471,16 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             self._write_run_info()
-        self.generate_all()
-        self.score_all()
         report_dir = None
-        if report and self.rank == 0:
-            from benchmarks.report import write_report
+        _select_cuda_device(self.spec.device)
+        with torch_threads(self.spec.threads):
+            self.generate_all()
+            self.score_all()
+            if report and self.rank == 0:
+                from benchmarks.report import write_report
 
-            missing = self.wait_for_other_ranks(wait_timeout)
-            report_dir = write_report(self, missing)
+                missing = self.wait_for_other_ranks(wait_timeout)
+                report_dir = write_report(self, missing)
         return RunResult(self.rank, self.world_size, self.generated, self.scored, self.skipped,
                          report_dir)
 

@@ -10,8 +10,10 @@ The benchmark protocol is optional; a backend implements what it can:
   (``identity`` is a ``BenchIdentity``, ``images`` its reference photos as PIL images).
   Without it: ``id_images=images`` plus ``id_prompt`` when the identity sets one.
 
-Backends shipped before this protocol existed get their answers from ``KNOWN_BACKENDS``
-below, which holds only what their public API already offers.
+The protocol is looked up on the registered backend object, so a backend that adds these
+methods is picked up with no change here. Backends shipped before the protocol existed get
+their answers from ``KNOWN_BACKENDS`` below, which holds only what their public API (and
+their ``testing`` module) already offers; a backend's own method always wins over it.
 """
 
 from __future__ import annotations
@@ -54,9 +56,22 @@ def _dreambooth_kwargs(backend: Any, identity: Any, images: list) -> dict[str, A
     return {"id_prompt": id_prompt or backend.default_id_prompt}
 
 
-#: name -> (tiny pipeline builder, call keywords) for backends without the protocol
+#: the tiny IP-Adapter variant: a CLIP-image one, so the tiny identity photos feed it
+#: directly (FaceID variants would also need a face detector that finds faces in them)
+TINY_IPADAPTER_VARIANT = "plus-face"
+
+
+def _ipadapter_tiny(seed: int = 0):
+    from bf_backends.ipadapter.testing import tiny_pipeline
+
+    return tiny_pipeline(TINY_IPADAPTER_VARIANT, seed=seed)
+
+
+#: name -> (tiny pipeline builder, call keywords) for backends without the protocol;
+#: None: the protocol's default (IP-Adapter takes ``id_images`` as they are)
 KNOWN_BACKENDS: dict[str, tuple[Callable | None, Callable | None]] = {
     "dreambooth": (_dreambooth_tiny, _dreambooth_kwargs),
+    "ipadapter": (_ipadapter_tiny, None),
 }
 
 
@@ -101,7 +116,6 @@ def base_pipeline(*, tiny: bool, base_model: str | None, torch_dtype: Any = None
         return tiny_sdxl_pipeline(seed=0)
     if not base_model:
         raise ConfigError("the FID reference set needs --base-model (or --fid-reference DIR)")
-    from diffusers import StableDiffusionXLPipeline
+    from bf_core.sdxl import load_sdxl_pipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
-    return pipe.to(device) if device else pipe
+    return load_sdxl_pipeline(base_model, torch_dtype=torch_dtype, device=device)

@@ -40,6 +40,35 @@ def box_fractions(bbox, width: int, height: int) -> tuple[float, float]:
     return 100.0 * box_w * box_h / (width * height), 100.0 * box_h / height
 
 
+def largest_face(analyzer: Any, image: Any):
+    """The largest face of ``image`` by box area, embedded; None when none is found.
+
+    analyzer: a ``bf_core.faces.FaceAnalyzer``; image: PIL RGB. Returns a
+    ``bf_core.faces.Face``. The detector keeps only its largest box (insightface's
+    ``max_num=1`` with the ``"max"`` metric) before the recogniser runs, so one face is
+    embedded where ``analyzer.detect`` embeds every candidate: same box, same embedding,
+    a fraction of the work when a busy image (or a random test detector) yields many.
+    """
+    from insightface.app.common import Face as DetectedFace
+
+    from bf_core.faces import Face
+
+    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    app = analyzer.app
+    boxes, keypoints = app.det_model.detect(bgr, max_num=1, metric="max")
+    if boxes.shape[0] == 0:
+        return None
+    found = DetectedFace(bbox=boxes[0, :4], kps=None if keypoints is None else keypoints[0],
+                         det_score=boxes[0, 4])
+    app.models["recognition"].get(bgr, found)  # aligns on the keypoints, sets .embedding
+    embedding = np.asarray(found.embedding, np.float32).reshape(-1)
+    norm = float(np.linalg.norm(embedding))
+    return Face(bbox=np.asarray(found.bbox, np.float32).reshape(4).copy(),
+                kps=np.asarray(found.kps, np.float32).reshape(5, 2).copy(),
+                det_score=float(found.det_score), embedding=embedding,
+                normed_embedding=embedding / norm if norm > 0 else embedding.copy())
+
+
 class _ReferenceCache:
     """Reference-photo features per identity, computed once per run."""
 
@@ -75,9 +104,9 @@ class FaceMetric:
     def _reference_embeddings(self, images: list, analyzer) -> list[np.ndarray]:
         embeddings = []
         for image in images:
-            faces = analyzer.detect(image)
-            if faces:
-                embeddings.append(max(faces, key=lambda f: f.area).normed_embedding)
+            face = largest_face(analyzer, image)
+            if face is not None:
+                embeddings.append(face.normed_embedding)
         if not embeddings:
             warnings.warn("no face was found in any reference photo of an identity: its face "
                           "similarity is left empty; use clearer, frontal reference photos",
@@ -86,11 +115,10 @@ class FaceMetric:
 
     def score(self, sample, context) -> dict[str, float | None]:
         analyzer = context.models.face_analyzer()
-        faces = analyzer.detect(sample.image)
-        if not faces:
+        face = largest_face(analyzer, sample.image)
+        if face is None:
             return {"face_sim": None, "face_detected": 0.0, "face_area_fraction": 0.0,
                     "face_box_height": 0.0}
-        face = max(faces, key=lambda f: f.area)
         area, height = box_fractions(face.bbox, *sample.image.size)
         references = self._references.get(
             sample.identity, lambda images: self._reference_embeddings(images, analyzer))

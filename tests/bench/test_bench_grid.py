@@ -87,8 +87,51 @@ def test_torn_manifest_line_is_skipped_and_later_records_survive(tmp_path):
     manifest.append({"kind": "image", "item": "a", "fingerprint": "f", "files": {}})
     with open(manifest.path, "a") as handle:
         handle.write('{"kind": "image", "item": "b", "fingerp')  # killed mid-append
-    Manifest(tmp_path, rank=1).append({"kind": "image", "item": "c", "fingerprint": "f",
-                                       "files": {}})
+    with pytest.warns(UserWarning, match="incomplete manifest line"):
+        Manifest(tmp_path, rank=1).append({"kind": "image", "item": "c", "fingerprint": "f",
+                                           "files": {}})
     with pytest.warns(UserWarning, match="incomplete manifest line"):
         reread = Manifest(tmp_path, rank=0)
     assert set(reread.records("image")) == {"a", "c"}
+
+
+def test_rank_and_world_come_from_the_launchers_environment(monkeypatch):
+    from benchmarks.runner import rank_and_world
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert rank_and_world() == (0, 1)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert rank_and_world() == (2, 3)
+    monkeypatch.setenv("RANK", "1")  # the global rank wins over the local one
+    assert rank_and_world() == (1, 3)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_and_world() == (0, 1)
+
+
+def test_a_single_process_cpu_launch_is_recognised(monkeypatch):
+    from benchmarks.cli import lone_cpu_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert lone_cpu_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a real multi-process launch
+    assert not lone_cpu_launch()
+
+
+def test_each_rank_takes_its_own_gpu_unless_the_launcher_shows_it_only_one(monkeypatch):
+    import torch
+
+    from benchmarks.cli import rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert rank_device(None) == "cuda"  # one process: the default GPU
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert rank_device(None) == "cuda:2" and rank_device("cuda") == "cuda:2"
+    assert rank_device("cuda:0") == "cuda:0" and rank_device("cpu") == "cpu"  # as given
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES per rank
+    assert rank_device(None) == "cuda"
