@@ -154,4 +154,4 @@ def lora_up_projections(modules: Iterable[torch.nn.Module | None],
     from bf_core.switching import AdapterSwitch
 
     switch = AdapterSwitch(modules, adapter_names)
-    return _active_up_projections([layer for _, layer in switch.layers], adapter_names)
+    return _active_up_projections([layer for _, layer in switch.all_layers], adapter_names)

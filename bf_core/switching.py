@@ -53,8 +53,12 @@ class AdapterSwitch:
 
     def __init__(self, modules: Iterable[torch.nn.Module | None],
                  adapter_names: Iterable[str] | None = None):
+        modules = list(modules)
         self.adapter_names = None if adapter_names is None else list(adapter_names)
-        self.layers = _selected_layers(list(modules), self.adapter_names)
+        # Whole layers switched off by ``disabled``; per-row masks act on each adapter's own
+        # up-projection instead, so ``rows`` also covers layers shared with other adapters.
+        self.layers = _selected_layers(modules, self.adapter_names)
+        self.all_layers = _selected_layers(modules, None)
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -85,13 +89,15 @@ class AdapterSwitch:
         """True when every covered layer is a plain, unmerged LoRA a row mask can switch."""
         from bf_core.rowbatch import lora_layer_row_maskable
 
-        return all(lora_layer_row_maskable(layer) for _, layer in self.layers)
+        return all(lora_layer_row_maskable(layer) for _, layer in self.all_layers
+                   if self.adapter_names is None
+                   or set(_adapter_names(layer)) & set(self.adapter_names))
 
     def rows(self, enabled_rows: torch.Tensor):
         """Adapters on for the rows where ``enabled_rows`` is 1, off where it is 0."""
         from bf_core.rowbatch import lora_rows_of_layers
 
-        return lora_rows_of_layers([layer for _, layer in self.layers], enabled_rows,
+        return lora_rows_of_layers([layer for _, layer in self.all_layers], enabled_rows,
                                    self.adapter_names)
 
 

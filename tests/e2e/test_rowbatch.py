@@ -132,3 +132,21 @@ def test_fused_lora_batches_only_when_every_row_runs_the_same_model():
     assert out.diagnostics["unet_calls"] == 6  # no per-row switch needed: one call per step
     with pytest.raises(ConfigError, match="fused"):
         bf_core.wrap(pipe)(**call)  # "off" would need the fused LoRA switched off
+
+
+def test_named_lora_rows_switch_only_that_adapter_on_shared_layers():
+    """A layer carrying the identity LoRA and a style LoRA: the row mask switches only the
+    identity one, so off rows equal the style-only model exactly."""
+    pipe = tiny_sdxl_pipeline(seed=0)
+    add_tiny_lora(pipe, adapter_name="identity", seed=1, text_encoders=False)
+    add_tiny_lora(pipe, adapter_name="style", seed=2, text_encoders=False)
+    pipe.unet.set_adapters(["identity", "style"])
+    inputs = unet_inputs(4)
+    both = call_unet(pipe.unet, inputs)
+    pipe.unet.set_adapters(["style"])
+    style_only = call_unet(pipe.unet, inputs)
+    pipe.unet.set_adapters(["identity", "style"])
+    with lora_rows([pipe.unet], torch.tensor([0.0, 1.0, 0.0, 1.0]), adapter_names=["identity"]):
+        mixed = call_unet(pipe.unet, inputs)
+    assert not torch.equal(both, style_only)
+    assert torch.equal(mixed[0::2], style_only[0::2]) and torch.equal(mixed[1::2], both[1::2])
