@@ -125,6 +125,26 @@ def test_two_ranks_merge_into_the_single_process_table(uninterrupted, tmp_path):
     _assert_same_tables(out, uninterrupted)
 
 
+def test_two_processes_under_accelerate_launch_give_the_single_process_table(uninterrupted,
+                                                                             tmp_path):
+    """Two real processes started by ``accelerate launch`` (its torchrun launcher; no GPU
+    is used) write one merged table equal to the one-process run."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "launched"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "benchmarks", *ARGS, "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               BEYONDFACIAL_ALLOW_PLUGINS=",".join(BACKENDS))
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in out.glob("manifest-rank*.jsonl")} == {
+        "manifest-rank00000.jsonl", "manifest-rank00001.jsonl"}
+    assert sum(_events(out, "generated").values()) == ITEMS  # each item once, across ranks
+    _assert_same_tables(out, uninterrupted)
+
+
 class _ImageWidth:
     name, kind, columns = "image_width", "image", ("image_width",)
 
