@@ -17,9 +17,16 @@ Lines (decisions in ``docs/backends/ip-adapter.md``):
   unconditional embeds. IdAP prepends their aggregate to the scene prompt's text tokens,
   the extension the paper anticipates for adapter methods.
 
+Both lines in one UNet call (``BFConfig.batch_lines``): the semantic rows' projected image
+tokens are zeroed by a hook on ``unet.encoder_hid_proj`` (zero tokens through bias-free
+IP key/value projections give an exactly zero IP output, as scale 0 does) and the FaceID
+LoRA is masked per row (``bf_core.rowbatch.lora_rows_of_layers``); per-call tensors (image embeds,
+FaceID-Plus ``clip_embeds``) are cut per part and concatenated. Where that is not exact
+(fused FaceID LoRA, biased IP projections, per-row IP masks) the loop makes one call per line.
+
 Everything the session changes (processor scales, PEFT active adapters, FaceID-Plus
-``clip_embeds`` / ``shortcut`` / ``shortcut_scale``) is captured on entry and put back on
-exit, also after an exception.
+``clip_embeds`` / ``shortcut`` / ``shortcut_scale``, forward hooks) is captured on entry
+and put back on exit, also after an exception.
 """
 
 from __future__ import annotations
@@ -42,10 +49,12 @@ from bf_backends.ipadapter.state import (
     IPAdapterStateSnapshot,
     IPAdapterSwitches,
     detect_variants,
+    faceid_adapter_names,
     image_projection_layers,
 )
 from bf_core.errors import CheckpointError, ConfigError, UnsupportedPipelineError
 from bf_core.protocols import GenerationRequest, Identity, Line, RowBatch
+from bf_core.rowbatch import lora_layer_row_maskable, lora_rows_of_layers, row_mask
 from bf_core.sdxl import SDXLSession, has_ip_adapter, is_sdxl_pipeline
 
 DEFAULT_FACE_MODEL = "buffalo_l"  # the pack the FaceID model cards use
@@ -99,8 +108,11 @@ def cfg_rows(tensor: torch.Tensor, batch: RowBatch, do_cfg: bool) -> torch.Tenso
 
     tensor: (2R, ...) ``[negative x R; positive x R]`` under CFG, else (R, ...). A batch of
     positive rows only (a shared negative branch, or CFG switched off by a callback) gets
-    the positive half; any other batch must cover every row.
+    the positive half; any other batch must cover every row. A merged batch (both lines in
+    one call) gets each of its parts' rows, in the order the parts were merged.
     """
+    if batch.parts:
+        return torch.cat([cfg_rows(tensor, part, do_cfg) for part in batch.parts])
     if tensor.shape[0] == batch.rows:
         return tensor
     if do_cfg and batch.branches == ("cond",) and tensor.shape[0] == 2 * batch.rows:
@@ -225,6 +237,43 @@ class IPAdapterSession(SDXLSession):
         # Only with the identity machinery on for both lines do they run the same model.
         return self.config.semantic_adapters == "on"
 
+    # -- both lines in one UNet call ---------------------------------------------------------
+    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
+        """Whether the semantic and ID rows can share one UNet call, exactly switched per row.
+
+        With ``semantic_adapters="on"`` every row runs the same model: always. Otherwise the
+        IP attention is switched off per row by zero tokens (needs bias-free IP key/value
+        projections) and the FaceID LoRA by a row mask on its up-projections (needs it
+        unfused and not DoRA); IP-Adapter attention masks must have one batch row, which
+        diffusers repeats to any batch. Anything else falls back to one call per line.
+        """
+        if self.config.semantic_adapters == "on":
+            return True
+        if not self.switches.ip_keys_bias_free():
+            return False
+        if not all(lora_layer_row_maskable(layer) for layer in self.switches.faceid_layers):
+            return False
+        return all(_ip_masks_fit_any_batch(batch.cross_attention_kwargs) for batch in batches)
+
+    @contextmanager
+    def row_state(self, batch: RowBatch) -> Iterator[None]:
+        """Semantic rows: IP tokens zeroed and FaceID LoRA masked off; ID rows: as the caller set.
+
+        Each semantic row equals, bit for bit, the same merged call under the semantic line's
+        state (IP scales 0, FaceID LoRA inactive), and each ID row the call under the ID
+        line's state; the module state itself (scales, active adapters) is never changed.
+        """
+        if self.config.semantic_adapters == "on":
+            yield  # every row runs the same model
+            return
+        identity_rows = row_mask(batch, (Line.ID, Line.BASELINE))
+        # By layer and adapter name: a layer that also carries the caller's own LoRA (a style
+        # LoRA on the same attention projections) masks only its FaceID up-projection.
+        faceid_lora = lora_rows_of_layers(self.switches.faceid_layers, identity_rows,
+                                          adapter_names=faceid_adapter_names(self.pipe))
+        with self.switches.ip_tokens_rows(identity_rows), faceid_lora:
+            yield
+
     # -- the UNet call -----------------------------------------------------------------------
     def added_cond_kwargs(self, batch: RowBatch) -> dict[str, Any]:
         do_cfg = self.request.do_cfg
@@ -233,7 +282,11 @@ class IPAdapterSession(SDXLSession):
 
     @contextmanager
     def _faceid_plus_rows(self, batch: RowBatch) -> Iterator[None]:
-        """FaceID-Plus ``clip_embeds`` (module state) cut to the rows of ``batch``."""
+        """FaceID-Plus ``clip_embeds`` (module state) cut to the rows of ``batch``.
+
+        A merged batch gets each part's rows concatenated, matching its image embeds row
+        for row; the projection reads the whole tensor, so every row must be present.
+        """
         plus_layers = [layer for layer in self.layers
                        if _is_faceid_plus_layer(layer) and layer.clip_embeds is not None]
         saved = [layer.clip_embeds for layer in plus_layers]
@@ -248,6 +301,21 @@ class IPAdapterSession(SDXLSession):
     def unet_forward(self, batch: RowBatch) -> torch.Tensor:
         with self._faceid_plus_rows(batch):
             return super().unet_forward(batch)
+
+
+def _ip_masks_fit_any_batch(cross_attention_kwargs: dict[str, Any] | None) -> bool:
+    """True when no ``ip_adapter_masks`` are given, or each has one batch row.
+
+    diffusers repeats a one-row mask to the call's batch, and a zero IP output times any
+    mask stays zero; a mask with one row per image of a line would not fit a merged batch.
+    """
+    masks = (cross_attention_kwargs or {}).get("ip_adapter_masks")
+    if masks is None:
+        return True
+    if isinstance(masks, torch.Tensor):
+        return False  # the deprecated stacked form: its layout is not worth guessing
+    return all(mask is None or (isinstance(mask, torch.Tensor) and mask.shape[0] == 1)
+               for mask in masks)
 
 
 class IPAdapterBackend:

@@ -16,9 +16,12 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bf_core.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +319,7 @@ class IPAdapterSwitches:
         unet = _unet(pipe_or_unet)
         self.processors = ip_attention_processors(unet)
         self.faceid_layers = faceid_lora_layers(unet)
+        self.projection = getattr(unet, "encoder_hid_proj", None)
 
     @contextmanager
     def ip_scales_off(self) -> Iterator[None]:
@@ -363,6 +367,53 @@ class IPAdapterSwitches:
         finally:
             for layer, active in zip(self.faceid_layers, saved, strict=True):
                 layer._active_adapter = active
+
+
+    # -- per row, for one UNet call holding rows of both lines --------------------------------
+    def ip_keys_bias_free(self) -> bool:
+        """True when no IP key/value projection has a bias (diffusers builds them without).
+
+        Then a zero identity token gives exactly zero keys and values, hence an exactly zero
+        IP attention output: the premise of ``ip_tokens_rows``.
+        """
+        return all(linear.bias is None for proc in self.processors
+                   for linear in (*proc.to_k_ip, *proc.to_v_ip))
+
+    @contextmanager
+    def ip_tokens_rows(self, enabled_rows: torch.Tensor) -> Iterator[None]:
+        """IP attention on for the rows where ``enabled_rows`` is 1 and off where it is 0.
+
+        enabled_rows: (R,) 0/1 mask over the UNet batch. A forward hook on
+        ``unet.encoder_hid_proj`` replaces the projected tokens of the off rows (per adapter
+        (R, images, tokens, D)) by zeros. Bias-free ``to_k_ip`` / ``to_v_ip`` then give zero
+        keys and values, so the attention output is 0 and the processor adds
+        ``scale * 0``: each off row equals the same call with every IP scale at 0, bit for
+        bit (tested), whatever the scales. A select rather than a product, so that a
+        non-finite token cannot leak into an off row as NaN. The hook is removed on exit.
+        """
+        if self.projection is None:
+            yield
+            return
+        keep = enabled_rows.bool()
+
+        def zero_off_rows(module, args, projected):
+            return [_rows_where(keep, tokens) for tokens in projected]
+
+        handle = self.projection.register_forward_hook(zero_off_rows)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _rows_where(keep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` (R, ...) with the rows where ``keep`` (R,) is False set to exactly 0."""
+    if tokens.shape[0] != keep.shape[0]:
+        raise RuntimeError(f"the IP-Adapter projection returned {tokens.shape[0]} rows but the "
+                           f"row mask has {keep.shape[0]}; the image embeds do not match the "
+                           "merged UNet batch (pass BFConfig(batch_lines=False) and report it).")
+    keep = keep.to(tokens.device).view(-1, *([1] * (tokens.ndim - 1)))
+    return tokens.where(keep, tokens.new_zeros(()))
 
 
 def ip_scales_off(pipe):
