@@ -172,6 +172,11 @@ def lone_cpu_launch() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--speed" in argv:  # `beyondfacial bench --speed ...`: the speed benchmark's own options
+        from benchmarks import speed
+
+        return speed.main([a for a in argv if a != "--speed"])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     if args.tiny:
