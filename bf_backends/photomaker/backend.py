@@ -12,6 +12,11 @@ Lines (see docs/backends/photomaker.md):
   conditioning for step indices ``0 .. start_merge_step``, the ID-fused prompt afterwards,
   the LoRA on throughout.
 
+Row batching: where both lines run, the two lines' rows can share one UNet call; the
+PhotoMaker LoRA is then switched per row (a ``bf_core.rowbatch`` row mask on its adapter
+only, so a style LoRA stays on for every row). Where that switch is not exact (a fused
+LoRA, DoRA, or a LoRA that is not a PEFT adapter) the lines run in separate calls.
+
 ``T_id`` is the fused ``P_id`` embedding (1, 77, D): the identity lives in its N x T
 class-token rows, the rest is the text encoder's own output of ``P_id``.
 
@@ -43,6 +48,7 @@ from bf_backends.photomaker.prompt import (
 )
 from bf_core.errors import ConfigError, ImageInputError
 from bf_core.protocols import GenerationRequest, Identity, Line, LineConditioning, RowBatch
+from bf_core.rowbatch import lora_layer_row_maskable, lora_rows_of_layers, row_mask
 from bf_core.sdxl import SDXLSession, encode_line_text, has_ip_adapter, is_sdxl_pipeline
 from bf_core.switching import adapters_disabled, peft_tuner_layers
 
@@ -256,6 +262,8 @@ class PhotoMakerSession(SDXLSession):
         self.start_merge_step = self._start_merge_step()
         self._references: ReferenceInputs | None = None
         self._text_only: LineConditioning | None = None
+        self._lora_layers: list[torch.nn.Module] | None = None
+        self._lora_rows_switchable: bool | None = None
 
     def _start_merge_step(self) -> int:
         value = self.request.backend_options.get("start_merge_step", DEFAULT_START_MERGE_STEP)
@@ -385,12 +393,63 @@ class PhotoMakerSession(SDXLSession):
         return super().conditioning(line, identity)
 
     # -- the UNet -------------------------------------------------------------------------
+    @property
+    def _semantic_lora_off(self) -> bool:
+        return self.config.semantic_adapters == "off"
+
     @contextmanager
     def line_state(self, line: Line) -> Iterator[None]:
-        if line is Line.SEMANTIC and self.config.semantic_adapters == "off":
+        if line is Line.SEMANTIC and self._semantic_lora_off:
             with lora_adapter_off(self.pipe.unet, self.host.adapter_name):
                 yield
         else:
+            yield
+
+    def photomaker_lora_layers(self) -> list[torch.nn.Module]:
+        """The UNet's PEFT layers where the PhotoMaker adapter is active, found once per call
+        (walking the whole UNet at every step would cost milliseconds)."""
+        if self._lora_layers is None:
+            name = self.host.adapter_name
+            self._lora_layers = [layer for _, layer in peft_tuner_layers(self.pipe.unet)
+                                 if name in _active_adapter_names(layer)]
+        return self._lora_layers
+
+    def _lora_switchable_per_row(self) -> bool:
+        """Whether a row mask on the PhotoMaker LoRA's up-projections switches it exactly."""
+        if self._lora_rows_switchable is None:
+            layers = self.photomaker_lora_layers()
+            self._lora_rows_switchable = (
+                any(not layer._disable_adapters for layer in layers)
+                and all(lora_layer_row_maskable(layer) for layer in layers))
+        return self._lora_rows_switchable
+
+    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
+        """Both lines in one call when the PhotoMaker LoRA can be switched per row exactly.
+
+        The LoRA is the only per-line UNet state. With ``semantic_adapters="on"`` every
+        row runs the same model. With "off" it must be an active, unfused, non-DoRA PEFT
+        LoRA: a fused LoRA (or a layer it shares with a fused one) cannot be taken out of
+        some rows only, and a LoRA that is not a PEFT adapter (an official pipeline that
+        baked it into the weights) is left to the separate calls, which behave as before.
+        """
+        if any(batch.line is Line.BASELINE for batch in batches):
+            return False  # the baseline swaps its text per step in unet_forward: one line only
+        return not self._semantic_lora_off or self._lora_switchable_per_row()
+
+    @contextmanager
+    def row_state(self, batch: RowBatch) -> Iterator[None]:
+        """The PhotoMaker LoRA on for the ID rows, off for the semantic rows (when "off").
+
+        Only the PhotoMaker adapter's up-projections are row-masked, also in layers it
+        shares with another LoRA: a style LoRA adds its output to every row, as
+        ``line_state`` leaves it on for the semantic line too.
+        """
+        if not self._semantic_lora_off:
+            yield  # every row runs the same model
+            return
+        id_rows = row_mask(batch, (Line.ID,))
+        with lora_rows_of_layers(self.photomaker_lora_layers(), id_rows,
+                                 adapter_names=[self.host.adapter_name]):
             yield
 
     def negative_shareable(self) -> bool:
@@ -415,7 +474,8 @@ class PhotoMakerSession(SDXLSession):
                                    text_embeds=torch.cat(pooled))
 
     def unet_forward(self, batch: RowBatch) -> torch.Tensor:
-        # The official schedule: text-only for step indices <= start_merge_step.
+        # The official schedule: text-only for step indices <= start_merge_step. A merged
+        # batch (line None) never holds baseline rows: supports_row_batching refuses them.
         if batch.line is Line.BASELINE and batch.step_index <= self.start_merge_step:
             batch = self._with_text_only_rows(batch)
         return super().unet_forward(batch)

@@ -173,7 +173,10 @@ def test_each_line_sees_the_lora_state_the_config_says(monkeypatch, semantic_ada
         return forward(session, batch)
 
     monkeypatch.setattr(PhotoMakerSession, "unet_forward", spy)
-    bf = bf_core.wrap(pipe, config=bf_core.BFConfig(semantic_adapters=semantic_adapters))
+    # One UNet call per line, so that each call shows one line's LoRA state (the merged,
+    # row-masked call is covered by test_photomaker_rowbatch.py).
+    bf = bf_core.wrap(pipe, config=bf_core.BFConfig(semantic_adapters=semantic_adapters,
+                                                    batch_lines=False))
     call(bf)
     assert seen == {Line.SEMANTIC: {semantic_lora}, Line.ID: {True}}
     seen.clear()
