@@ -7,7 +7,8 @@ they are. The ID tokens reach the processors through a shared
 ``cross_attention_kwargs={"id_embedding": E, "id_scale": s}``). With no embedding set, or
 with the state switched off, a processor hands the call to the processor it replaced, so
 the same UNet serves the ID line and a semantic line that is bit-identical to the
-untouched UNet.
+untouched UNet. One UNet call can also hold rows of both lines: ``enabled_rows`` switches
+the ID attention per row (see :func:`select_rows`).
 
 Processor numbering follows the official checkpoints: the 0-based position in
 ``unet.attn_processors`` (diffusers walks down -> up -> mid blocks, attn1 before attn2);
@@ -80,26 +81,38 @@ class PuLIDAttentionState:
     """Shared, mutable per-call switch read by every installed ID processor at call time.
 
     ``id_embedding`` (B, T, context width) or None; ``enabled`` False forces plain
-    attention even when an embedding is set; ``config`` the mixing settings.
+    attention even when an embedding is set; ``enabled_rows`` (B,) bool or None: with an
+    embedding set, ID attention only for the rows where it is True and plain text attention
+    for the others (one UNet call holding the rows of several lines); ``config`` the mixing
+    settings.
     """
 
     def __init__(self, config: PuLIDAttentionConfig | None = None) -> None:
         self.config = config or PuLIDAttentionConfig()
         self.id_embedding: torch.Tensor | None = None
         self.enabled = True
+        self.enabled_rows: torch.Tensor | None = None
+
+    def _snapshot(self) -> tuple:
+        return self.id_embedding, self.config, self.enabled, self.enabled_rows
+
+    def _restore(self, snapshot: tuple) -> None:
+        self.id_embedding, self.config, self.enabled, self.enabled_rows = snapshot
 
     @contextmanager
     def using(self, id_embedding: torch.Tensor | None,
-              config: PuLIDAttentionConfig | None = None) -> Iterator[PuLIDAttentionState]:
-        """Set the ID tokens (and optionally the config) for the calls inside the block."""
-        previous = (self.id_embedding, self.config, self.enabled)
-        self.id_embedding, self.enabled = id_embedding, True
+              config: PuLIDAttentionConfig | None = None,
+              enabled_rows: torch.Tensor | None = None) -> Iterator[PuLIDAttentionState]:
+        """Set the ID tokens (and optionally the config and the per-row switch) for the calls
+        inside the block. ``enabled_rows`` (B,) bool: rows without ID attention are False."""
+        previous = self._snapshot()
+        self.id_embedding, self.enabled, self.enabled_rows = id_embedding, True, enabled_rows
         if config is not None:
             self.config = config
         try:
             yield self
         finally:
-            self.id_embedding, self.config, self.enabled = previous
+            self._restore(previous)
 
     @contextmanager
     def disabled(self) -> Iterator[PuLIDAttentionState]:
@@ -181,6 +194,21 @@ def combine_text_and_id(text_out: torch.Tensor, id_out: torch.Tensor, ortho: Ort
     return (text32 + id_scale * orthogonal).to(working_dtype)
 
 
+def select_rows(enabled_rows: torch.Tensor, with_id: torch.Tensor,
+                text_only: torch.Tensor) -> torch.Tensor:
+    """Per row: ``with_id`` where ``enabled_rows`` (B,) is True, ``text_only`` elsewhere.
+
+    with_id, text_only: (B, N, C) -> (B, N, C). ``torch.where`` copies the chosen values
+    unchanged, so an off row is bit for bit the plain text attention of the same call, even
+    where the unused ID mix is not finite (ORTHO divides 0 by 0 on a zero text context).
+    """
+    if enabled_rows.shape != (with_id.shape[0],):
+        raise ValueError(f"the per-row ID switch has shape {tuple(enabled_rows.shape)} but the "
+                         f"UNet call has {with_id.shape[0]} rows; set enabled_rows to a (rows,) "
+                         f"bool tensor for exactly the rows of the call.")
+    return torch.where(enabled_rows.view(-1, 1, 1), with_id, text_only)
+
+
 # ---------------------------------------------------------------- the processor
 
 class PuLIDIDAttnProcessor(nn.Module):
@@ -222,7 +250,8 @@ class PuLIDIDAttnProcessor(nn.Module):
         config = state.config
         scale = config.id_scale if id_scale is None else float(id_scale)
         return self._text_and_id_attention(attn, hidden_states, encoder_hidden_states,
-                                           attention_mask, temb, embedding, config, scale)
+                                           attention_mask, temb, embedding, config, scale,
+                                           state.enabled_rows)
 
     def project_id_tokens(self, id_embedding: torch.Tensor, num_zero: int, batch: int,
                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,9 +273,12 @@ class PuLIDIDAttnProcessor(nn.Module):
         return self.id_to_k(padded).to(dtype), self.id_to_v(padded).to(dtype)
 
     def _text_and_id_attention(self, attn, hidden_states, encoder_hidden_states,
-                               attention_mask, temb, id_embedding, config, id_scale):
+                               attention_mask, temb, id_embedding, config, id_scale,
+                               enabled_rows=None):
         # Prologue and epilogue are those of diffusers' AttnProcessor2_0; only the mixing
-        # of A (text attention, before to_out) with I (ID attention) is new.
+        # of A (text attention, before to_out) with I (ID attention) is new. With
+        # enabled_rows the ID term is computed for every row and kept only for the on rows:
+        # the on rows then run exactly the kernels of an all-on call of the same batch.
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -267,6 +299,8 @@ class PuLIDIDAttnProcessor(nn.Module):
         alpha = (global_token_attention_mass(query, id_key) if config.ortho == "ortho_v2"
                  else None)
         hidden_states = combine_text_and_id(text_out, id_out, config.ortho, id_scale, alpha)
+        if enabled_rows is not None:
+            hidden_states = select_rows(enabled_rows, hidden_states, text_out)
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -372,6 +406,17 @@ class PuLIDAttentionInstallation:
 
     def __exit__(self, *exc_info: object) -> None:
         self.uninstall()
+
+
+def exact_text_fallback(installation: PuLIDAttentionInstallation) -> bool:
+    """True when every replaced processor is exactly diffusers' ``AttnProcessor2_0``.
+
+    Then a row with the ID switched off inside a call with ID (``enabled_rows``) equals the
+    replaced processor bit for bit: both run the same text attention. Any other processor
+    (a subclass, another attention backend) may compute differently.
+    """
+    return all(type(processor.text_processor) is AttnProcessor2_0
+               for processor in installation.processors.values())
 
 
 def _set_processors(unet: nn.Module, processors: Mapping[str, object]) -> None:

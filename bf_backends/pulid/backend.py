@@ -13,6 +13,10 @@ Lines (pulid.md 4.3):
   with the user's LoRA and attention processors as they are); ``semantic_adapters="on"``
   keeps the ID on;
 - baseline (method off): the official v1 fidelity call, ID on for the user's prompt.
+
+Both lines in one UNet call (``BFConfig.batch_lines``): the semantic and ID rows share one
+call, the ID attention switched per row (``PuLIDAttentionState.enabled_rows``); each
+line keeps its own text conditioning. See :meth:`PuLIDSession.supports_row_batching`.
 T_id = E: (1, 10, 2048) for v1 (5 or 10 more per supplementary image), (1, 32, 2048) for v1.1.
 
 Per-call options (keywords of the wrapped call): ``pulid_mode`` ("fidelity",
@@ -36,6 +40,7 @@ from bf_backends.pulid.attention import (
     PuLIDAttentionConfig,
     PuLIDAttentionInstallation,
     PuLIDAttentionState,
+    exact_text_fallback,
 )
 from bf_backends.pulid.encoder import EncoderConfig, IDEncoder, IDFormer
 from bf_backends.pulid.features import FaceFeatures
@@ -163,16 +168,17 @@ class PuLIDSession(SDXLSession):
         self.id_mix = bool(options.get("id_mix", False))
         self.encoder = PuLIDIdentityEncoder(self)
         self._embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._merged_cache: tuple[tuple[RowBatch, ...], Any] = ((), None)
 
     def setup(self) -> None:
         if not self.adapter.attention.installed:
             raise ConfigError("PuLID's processors were uninstalled from this pipeline's UNet; "
                               "attach PuLID again with attach_pulid(pipe, ...).")
         state = self.adapter.state
-        saved = (state.id_embedding, state.config, state.enabled)
+        saved = (state.id_embedding, state.config, state.enabled, state.enabled_rows)
 
         def restore() -> None:
-            state.id_embedding, state.config, state.enabled = saved
+            state.id_embedding, state.config, state.enabled, state.enabled_rows = saved
 
         self.restore_stack.callback(restore)
         if self.request.id_images:
@@ -233,22 +239,117 @@ class PuLIDSession(SDXLSession):
         sequence = guidance_off_sequence(positive, negative, config.num_zero)
         return sequence, dataclasses.replace(config, num_zero=0)
 
-    @contextmanager
-    def id_attention(self, batch: RowBatch) -> Iterator[None]:
-        """ID attention on (with this batch's embedding) or off for the UNet call."""
-        state = self.adapter.state
+    def line_rows_embedding(self, batch: RowBatch
+                            ) -> tuple[torch.Tensor, PuLIDAttentionConfig] | None:
+        """``rows_embedding`` of a one-line batch, or None where its line has the ID off."""
         embeddings = None if self._id_off(batch.line) else self.id_embeddings()
         if embeddings is None:
+            return None
+        return self.rows_embedding(batch, *embeddings)
+
+    def merged_rows_embedding(self, parts: Sequence[RowBatch]
+                              ) -> tuple[torch.Tensor, PuLIDAttentionConfig, torch.Tensor] | None:
+        """The ID state of one call holding the rows of ``parts``, in order.
+
+        Returns (embedding (R, L, D), config, enabled rows (R,) bool or None when every row
+        has ID attention), or None when no row has it. Off rows get zero tokens of the on
+        rows' length: their ID term is computed and then discarded per row, so its value
+        does not matter. The enabled rows are filled on the device (no host-to-device copy,
+        so no sync in the loop).
+        Raises ConfigError when the on parts need different configs or token counts.
+        """
+        cached_parts, cached = self._merged_cache
+        if len(cached_parts) == len(parts) and all(
+                a is b for a, b in zip(cached_parts, parts, strict=True)):
+            return cached  # supports_row_batching built it for these very batches
+        plans = [self.line_rows_embedding(part) for part in parts]
+        on = [plan for plan in plans if plan is not None]
+        if not on:
+            return None
+        configs = {config for _, config in on}
+        lengths = {embedding.shape[1:] for embedding, _ in on}
+        if len(configs) > 1 or len(lengths) > 1:
+            raise ConfigError("the lines of one merged UNet call need different PuLID ID "
+                              "attention settings; run them separately with "
+                              "BFConfig(batch_lines=False).")
+        tokens, config = on[0]
+        device = parts[0].sample.device
+        embeddings, enabled = [], []
+        for part, plan in zip(parts, plans, strict=True):
+            if plan is None:
+                embeddings.append(torch.zeros(part.rows, *tokens.shape[1:], dtype=tokens.dtype,
+                                              device=device))
+            else:
+                embeddings.append(broadcast_rows(plan[0], part.rows).to(device))
+            enabled.append(torch.full((part.rows,), plan is not None, dtype=torch.bool,
+                                      device=device))
+        every_row_on = len(on) == len(plans)
+        merged = torch.cat(embeddings), config, None if every_row_on else torch.cat(enabled)
+        # Holding the parts keeps their ids from being reused by the next step's batches.
+        self._merged_cache = (tuple(parts), merged)
+        return merged
+
+    @contextmanager
+    def id_attention(self, batch: RowBatch) -> Iterator[None]:
+        """ID attention on (with this batch's embedding) or off for the UNet call; per row
+        for a merged batch of several lines."""
+        state = self.adapter.state
+        if batch.parts:
+            merged = self.merged_rows_embedding(batch.parts)
+            if merged is None:
+                with state.disabled():
+                    yield
+                return
+            embedding, config, enabled_rows = merged
+            with state.using(embedding, config, enabled_rows=enabled_rows):
+                yield
+            return
+        plan = self.line_rows_embedding(batch)
+        if plan is None:
             with state.disabled():
                 yield
         else:
-            embedding, config = self.rows_embedding(batch, *embeddings)
-            with state.using(embedding, config):
+            with state.using(*plan):
                 yield
 
     def unet_forward(self, batch: RowBatch) -> torch.Tensor:
         with self.id_attention(batch):
             return super().unet_forward(batch)
+
+    # -- both lines in one UNet call ---------------------------------------------------------
+    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
+        """Whether the semantic and ID rows may share one UNet call, each row exact.
+
+        Refused (the loop then calls the UNet once per line, as before) when:
+        - a batch is the baseline (one line only, by the method's definition);
+        - the call passes the ID tokens itself through ``cross_attention_kwargs``
+          (``id_embedding`` / ``id_scale``, the official route): one tensor for the whole
+          call cannot be switched per row;
+        - the semantic rows need the ID off while a replaced cross-attention processor is
+          not diffusers' ``AttnProcessor2_0``: the off rows are our text attention, which is
+          bit for bit that processor only;
+        - the lines' ID settings or token counts differ (not produced by the loop today).
+        """
+        if any(batch.line not in (Line.SEMANTIC, Line.ID) for batch in batches):
+            return False
+        call_kwargs = batches[0].cross_attention_kwargs or {}
+        if "id_embedding" in call_kwargs or "id_scale" in call_kwargs:
+            return False
+        off = [self._id_off(batch.line) for batch in batches]
+        if any(off) and not all(off) and self.id_embeddings() is not None \
+                and not exact_text_fallback(self.adapter.attention):
+            return False
+        try:
+            self.merged_rows_embedding(batches)
+        except ConfigError:
+            return False
+        return True
+
+    @contextmanager
+    def row_state(self, batch: RowBatch) -> Iterator[None]:
+        # The per-row ID state depends on the rows' CFG branches, so it is set with the UNet
+        # call itself (``id_attention`` in ``unet_forward``), for merged and single batches.
+        yield
 
     def negative_shareable(self) -> bool:
         # Only with the ID kept on in the semantic line do both lines' negative rows see

@@ -177,7 +177,9 @@ def test_guidance_one_uses_the_official_single_sequence_per_sample(images_per_pr
 
 
 def test_lightning_four_steps_give_m1_m2_one_and_two_id_steps():
-    out = bf_core.wrap(tiny_pipeline("v1"))(**call_kwargs(), **identity_kwargs())
+    # One UNet call per line, so the calls show where the ID line runs.
+    out = bf_core.wrap(tiny_pipeline("v1"), config=bf_core.BFConfig(batch_lines=False))(
+        **call_kwargs(), **identity_kwargs())
     assert (out.diagnostics["idaf_start"], out.diagnostics["idap_start"]) == (1, 1)
     assert out.diagnostics["unet_calls"] == STEPS + 2  # ID line at steps 2 and 3 only
 
