@@ -13,6 +13,14 @@ Lines (spec ``instantid.md``; decisions in ``docs/backends/instantid.md``):
 * ``T_id``: the 16 projected ID tokens (1, 16, D); negative: the projection of a zero
   embedding, the official negative branch.
 
+Row batching (both lines in one UNet call, ``bf_core.rowbatch``): the processors run at the
+ID scale for the whole merged batch and the rows whose ID attention is off get zero ID
+tokens; through the bias-free ``to_k_ip``/``to_v_ip`` these give zero keys and values, so
+the ID branch adds exactly 0, the same as scale 0. IdentityNet runs on the ID rows only
+(the very call the separate path makes) and the semantic rows get zero residuals
+(x + 0 == x). The official form reads the ID tokens off the end of the context and cannot
+take a padding mask, so it batches only when both lines' contexts have the same length.
+
 Every processor scale and the UNet's projection slot are captured when the session opens
 and put back when it closes, also after an exception.
 """
@@ -42,6 +50,7 @@ from bf_backends.instantid.state import preserved_attention_state
 from bf_core.dli import guidance_rescale_of, guide
 from bf_core.errors import ConfigError, UnsupportedPipelineError
 from bf_core.protocols import GenerationRequest, Identity, Line, RowBatch
+from bf_core.rowbatch import split_rows
 from bf_core.sdxl import SDXLSession, is_sdxl_pipeline
 
 DEFAULT_CONDITIONING_SCALE = 0.8  # IdentityNet strength of infer.py and the demo
@@ -147,6 +156,23 @@ class InstantIDSession(SDXLSession):
         self._set_scales(self._attention_on(line))
         yield
 
+    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
+        """Native form: always (padding is masked). Official form: only for equal context
+        lengths, since its processors take the last 16 context tokens as ID tokens and apply
+        the attention mask to the whole context, so a padding mask cannot be made exact.
+        """
+        if self.parts.form == "native":
+            return True
+        return len({b.encoder_hidden_states.shape[1] for b in batches}) == 1
+
+    @contextmanager
+    def row_state(self, batch: RowBatch) -> Iterator[None]:
+        """Processors at the ID scale when any row needs the ID attention; the off rows are
+        switched by their zero ID tokens (``unet_forward``), IdentityNet by zero residuals.
+        Scales are plain state restored when the session closes, also after an exception."""
+        self._set_scales(any(self._attention_on(line) for line in batch.row_lines))
+        yield
+
     # -- identity ----------------------------------------------------------------------------
     def reference_analyzer(self):
         return self.backend.face_analyzer(self.options)
@@ -241,13 +267,47 @@ class InstantIDSession(SDXLSession):
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
     # -- the UNet call ---------------------------------------------------------------------------
+    def _merged_residuals(self, parts: Sequence[RowBatch],
+                          tokens: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """IdentityNet residuals for the rows of ``parts``, in order; {} when no part has any.
+
+        Each ID part's residuals come from its own IdentityNet call (exactly what a separate
+        call computes); every other part gets zeros, which the UNet adds as x + 0 == x.
+        """
+        per_part = [{} if part.line is Line.SEMANTIC
+                    else self._identitynet_residuals(part, part_tokens)
+                    for part, part_tokens in zip(parts, tokens, strict=True)]
+        template = next((residuals for residuals in per_part if residuals), None)
+        if template is None:
+            return {}
+        if len(parts) == 1:
+            return template
+
+        def zeros_like_rows(residual: torch.Tensor, rows: int) -> torch.Tensor:
+            return residual.new_zeros(rows, *residual.shape[1:])
+
+        filled = [residuals or {
+            "down_block_additional_residuals": [
+                zeros_like_rows(r, part.rows) for r in template["down_block_additional_residuals"]],
+            "mid_block_additional_residual": zeros_like_rows(
+                template["mid_block_additional_residual"], part.rows),
+        } for part, residuals in zip(parts, per_part, strict=True)]
+        down = [torch.cat(level) for level in zip(
+            *(r["down_block_additional_residuals"] for r in filled), strict=True)]
+        mid = torch.cat([r["mid_block_additional_residual"] for r in filled])
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
     def unet_forward(self, batch: RowBatch) -> torch.Tensor:
-        attention_on = self._attention_on(batch.line)
-        tokens = self._tokens(batch, attention_on)
-        residuals = ({} if batch.line is Line.SEMANTIC
-                     else self._identitynet_residuals(batch, tokens))
+        """One UNet call for a line's batch or a merged batch (``batch.parts``, one per line)."""
+        parts = batch.parts or (batch,)
+        part_tokens = [self._tokens(part, self._attention_on(part.line)) for part in parts]
+        residuals = self._merged_residuals(parts, part_tokens)
+        tokens = torch.cat(part_tokens) if len(part_tokens) > 1 else part_tokens[0]
         added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
         context = batch.encoder_hidden_states
+        extra: dict[str, Any] = {}
+        if batch.encoder_attention_mask is not None:  # native form only (supports_row_batching)
+            extra["encoder_attention_mask"] = batch.encoder_attention_mask
         if self.parts.form == "native":
             added["image_embeds"] = [tokens[:, None]]  # (rows, 1 image, 16, D)
         else:  # official processors read the last 16 context tokens as ID tokens
@@ -255,29 +315,43 @@ class InstantIDSession(SDXLSession):
         return self.pipe.unet(
             batch.sample, batch.timestep, encoder_hidden_states=context,
             timestep_cond=batch.timestep_cond, cross_attention_kwargs=batch.cross_attention_kwargs,
-            added_cond_kwargs=added, return_dict=False, **residuals)[0]
+            added_cond_kwargs=added, return_dict=False, **residuals, **extra)[0]
+
+    def _start_auto_keypoints(self, batches: Sequence[RowBatch]) -> None:
+        """Set up kps='auto' the first time the semantic line runs (alone or merged)."""
+        if self._auto is not None or not (isinstance(self.kps, str) and self.kps == "auto") \
+                or not self.config.enabled:
+            return
+        if not any(part.line is Line.SEMANTIC for b in batches for part in (b.parts or (b,))):
+            return
+        reference = self.identity().state["reference"]
+        if reference.kps is None:
+            raise ConfigError("kps='auto' moves the reference face's keypoints, but only "
+                              "face_embeds were given: pass id_images too, or choose "
+                              "kps='none' or your own (5, 2) keypoints.")
+        detector = self.options.get("preview_face_analyzer") or self.reference_analyzer()
+        self._auto = AutoKeypoints(self.pipe, detector, reference)
+
+    def _observe_semantic(self, batch: RowBatch, output: torch.Tensor) -> None:
+        """Hand kps='auto' the semantic rows' guided prediction (a merged batch is split)."""
+        pieces = split_rows(output, batch) if batch.parts else [output]
+        for part, piece in zip(batch.parts or (batch,), pieces, strict=True):
+            if part.line is not Line.SEMANTIC:
+                continue
+            per_branch = part.rows // len(part.branches)
+            guided = guide(piece, len(part.branches) == 2, self.pipe.guidance_scale,
+                           guidance_rescale_of(self.pipe))[0]
+            self._auto.observe(part.step_index, part.sample[:per_branch], guided, part.timestep)
 
     def predict_noise(self, batches: Sequence[RowBatch]) -> list[torch.Tensor]:
-        if self._auto is None and isinstance(self.kps, str) and self.kps == "auto" \
-                and self.config.enabled \
-                and any(b.line is Line.SEMANTIC for b in batches):
-            reference = self.identity().state["reference"]
-            if reference.kps is None:
-                raise ConfigError("kps='auto' moves the reference face's keypoints, but only "
-                                  "face_embeds were given: pass id_images too, or choose "
-                                  "kps='none' or your own (5, 2) keypoints.")
-            detector = self.options.get("preview_face_analyzer") or self.reference_analyzer()
-            self._auto = AutoKeypoints(self.pipe, detector, reference)
+        self._start_auto_keypoints(batches)
         outputs = []
         for batch in batches:
-            with self.line_state(batch.line):
+            # A merged batch's ID rows read step M1's estimate, observed a step earlier.
+            with self.batch_state(batch):
                 outputs.append(self.unet_forward(batch))
-            if self._auto is not None and batch.line is Line.SEMANTIC:
-                per_branch = batch.rows // len(batch.branches)
-                guided = guide(outputs[-1], len(batch.branches) == 2, self.pipe.guidance_scale,
-                               guidance_rescale_of(self.pipe))[0]
-                self._auto.observe(batch.step_index, batch.sample[:per_branch], guided,
-                                   batch.timestep)
+            if self._auto is not None:
+                self._observe_semantic(batch, outputs[-1])
         return outputs
 
 
