@@ -219,12 +219,20 @@ def measure(args) -> dict:
     }
 
 
+def wrapper_overhead(measurement: dict, stock: dict) -> float:
+    """The wrapper's own time outside the UNet, beyond the stock pipeline's, as a share of
+    the wrapped run: (non-UNet seconds - stock non-UNet seconds) / seconds."""
+    extra = ((measurement["seconds"] - measurement["unet_seconds"])
+             - (stock["seconds"] - stock["unet_seconds"]))
+    return extra / measurement["seconds"]
+
+
 def to_markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}; torch {result['torch']}; {result['size']} size, "
              f"{result['dtype']}, {result['resolution']} px, {result['steps']} steps; "
              f"IdAF {result['idaf_ms']:.3f} ms per step.", "",
-             "| mode | variant | seconds | x stock | UNet seconds | non-UNet share | peak GiB | x stock memory | UNet rows |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| mode | variant | seconds | x stock | UNet seconds | non-UNet share | wrapper overhead | peak GiB | x stock memory | UNet rows |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     stock = {m["mode"]: m for m in result["measurements"] if m["variant"] == "stock"}
     for m in result["measurements"]:
         base = stock[m["mode"]]
@@ -234,7 +242,8 @@ def to_markdown(result: dict) -> str:
         share = 1 - m["unet_seconds"] / m["seconds"]
         lines.append(f"| {m['mode']} | {m['variant']} | {m['seconds']:.3f} | "
                      f"{m['seconds'] / base['seconds']:.2f} | {m['unet_seconds']:.3f} | "
-                     f"{share:.1%} | {memory} | {memory_ratio} | {m['unet_rows']} |")
+                     f"{share:.1%} | {wrapper_overhead(m, base):.1%} | {memory} | "
+                     f"{memory_ratio} | {m['unet_rows']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ attention kernel's summation. ``BFConfig(batch_lines=False)`` keeps separate cal
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -81,11 +82,18 @@ def split_rows(output: torch.Tensor, merged: RowBatch) -> list[torch.Tensor]:
 
 
 def row_mask(batch: RowBatch, lines: Iterable[Line]) -> torch.Tensor:
-    """(R,) float mask of the batch's rows that belong to ``lines`` (1) or not (0)."""
-    wanted = set(lines)
+    """(R,) float mask of the batch's rows that belong to ``lines`` (1) or not (0).
+
+    Cached per row layout and device: the layout repeats at every step, and building the
+    tensor anew would copy from the host (and wait for the device) at every step.
+    """
     row_lines = batch.row_lines or (batch.line,) * batch.rows
-    return torch.tensor([1.0 if line in wanted else 0.0 for line in row_lines],
-                        device=batch.sample.device)
+    return _cached_row_mask(tuple(row_lines), frozenset(lines), str(batch.sample.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_row_mask(row_lines: tuple[Line, ...], wanted: frozenset, device: str) -> torch.Tensor:
+    return torch.tensor([1.0 if line in wanted else 0.0 for line in row_lines], device=device)
 
 
 def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -139,13 +147,31 @@ def lora_rows_of_layers(layers: Sequence[torch.nn.Module], enabled_rows: torch.T
             handle.remove()
 
 
+def row_masked_hooks(layers: Sequence[torch.nn.Module], adapter_names: Iterable[str] | None,
+                     current_mask) -> list:
+    """Hooks on the active LoRA up-projections of ``layers`` that scale each output by the
+    row mask ``current_mask()`` returns, or leave it untouched when that is None."""
+    def scale(module, args, output):
+        mask = current_mask()
+        return None if mask is None else output * _per_row(mask, output)
+
+    return [up.register_forward_hook(scale)
+            for up in _active_up_projections(layers, adapter_names)]
+
+
+@contextmanager
 def lora_rows(modules: Iterable[torch.nn.Module | None], enabled_rows: torch.Tensor,
-              adapter_names: Iterable[str] | None = None):
+              adapter_names: Iterable[str] | None = None) -> Iterator[None]:
     """``lora_rows_of_layers`` for every PEFT layer in ``modules`` (found now; a session
     that switches at every step keeps a ``bf_core.switching.AdapterSwitch`` instead)."""
     from bf_core.switching import AdapterSwitch
 
-    return AdapterSwitch(modules, adapter_names).rows(enabled_rows)
+    switch = AdapterSwitch(modules, adapter_names)
+    try:
+        with switch.rows(enabled_rows):
+            yield
+    finally:
+        switch.close()
 
 
 def lora_up_projections(modules: Iterable[torch.nn.Module | None],

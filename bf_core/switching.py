@@ -59,6 +59,8 @@ class AdapterSwitch:
         # up-projection instead, so ``rows`` also covers layers shared with other adapters.
         self.layers = _selected_layers(modules, self.adapter_names)
         self.all_layers = _selected_layers(modules, None)
+        self._row_hooks: list | None = None
+        self._row_mask: torch.Tensor | None = None
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -93,12 +95,30 @@ class AdapterSwitch:
                    if self.adapter_names is None
                    or set(_adapter_names(layer)) & set(self.adapter_names))
 
-    def rows(self, enabled_rows: torch.Tensor):
-        """Adapters on for the rows where ``enabled_rows`` is 1, off where it is 0."""
-        from bf_core.rowbatch import lora_rows_of_layers
+    @contextmanager
+    def rows(self, enabled_rows: torch.Tensor) -> Iterator[None]:
+        """Adapters on for the rows where ``enabled_rows`` is 1, off where it is 0.
 
-        return lora_rows_of_layers([layer for _, layer in self.all_layers], enabled_rows,
-                                   self.adapter_names)
+        The up-projection hooks are installed on first use and stay until ``close`` (a
+        session closes its switches when the call ends); between uses they pass outputs
+        through untouched, so a step costs no hook registration.
+        """
+        if self._row_hooks is None:
+            from bf_core.rowbatch import row_masked_hooks
+
+            self._row_hooks = row_masked_hooks([layer for _, layer in self.all_layers],
+                                               self.adapter_names, lambda: self._row_mask)
+        self._row_mask = enabled_rows
+        try:
+            yield
+        finally:
+            self._row_mask = None
+
+    def close(self) -> None:
+        """Remove the per-row hooks, if any were installed."""
+        for handle in self._row_hooks or ():
+            handle.remove()
+        self._row_hooks, self._row_mask = None, None
 
 
 def adapters_disabled(modules: Iterable[torch.nn.Module | None],

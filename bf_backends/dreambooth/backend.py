@@ -24,6 +24,7 @@ class DreamBoothSession(SDXLSession):
     def setup(self) -> None:
         # Found once per call, reused at every step.
         self.unet_adapters = AdapterSwitch([self.pipe.unet])
+        self.restore_stack.callback(self.unet_adapters.close)
         self.text_adapters = AdapterSwitch([self.pipe.text_encoder, self.pipe.text_encoder_2])
 
     @property
