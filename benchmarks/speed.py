@@ -31,25 +31,13 @@ PROMPT = "a person is kneeling by a small lake, touching the water gently"
 ID_PROMPT = "a photo of sks person"
 
 
-def sdxl_unet_config() -> dict:
-    """stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the values that matter)."""
-    return dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        norm_num_groups=32)
-
-
 def real_size_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
     """A real-size SDXL pipeline with random weights (tiny tokenizers: the text encoders'
     cost does not depend on the vocabulary)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from bf_core.sdxl import sdxl_unet_config
     from bf_core.tiny import make_scheduler, tiny_tokenizers
 
     tokenizer, tokenizer_2 = tiny_tokenizers()

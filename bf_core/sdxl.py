@@ -27,6 +27,19 @@ _SDXL_ATTRIBUTES = ("unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2",
                     "prepare_latents", "_get_add_time_ids", "image_processor")
 
 
+def sdxl_unet_config() -> dict[str, Any]:
+    """The SDXL base UNet's architecture (stabilityai/stable-diffusion-xl-base-1.0
+    unet/config.json): what real-size compatibility checks and speed runs build."""
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
 def is_sdxl_pipeline(pipe: Any) -> bool:
     """Duck-typed: does ``pipe`` look like diffusers' ``StableDiffusionXLPipeline``?"""
     if not all(hasattr(pipe, name) for name in _SDXL_ATTRIBUTES):

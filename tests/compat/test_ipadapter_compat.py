@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 
 from bf_backends.ipadapter import state, testing  # noqa: E402
 from bf_core.checkpoints import check_state_dict  # noqa: E402
+from bf_core.sdxl import sdxl_unet_config
 
 pytestmark = pytest.mark.compat
 
@@ -37,13 +38,7 @@ PROJECTION_CLASS = {
 # CLIP width each projection reads: ViT-H projection_dim / hidden_size, bigG projection_dim.
 REAL_IMAGE_EMBED_DIM = {"vit-h": 1024, "bigG": 1280, "plus": 1280, "plus-face": 1280,
                         "faceid": 1024, "faceid-plusv2": 1280}
-SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128, in_channels=4,
-    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+SDXL_UNET = sdxl_unet_config()
 
 
 def _sdxl_unet_on_meta():

@@ -13,20 +13,13 @@ from bf_backends.photomaker.loader import (
     read_photomaker_checkpoint,
 )
 from bf_core.checkpoints import expected_shapes
+from bf_core.sdxl import sdxl_unet_config
 
 pytestmark = pytest.mark.compat
 
 VERSIONS = ["v1", "v2"]
 
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (checkpoints/README.md §3).
-SDXL_UNET_CONFIG = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+SDXL_UNET_CONFIG = sdxl_unet_config()
 
 
 def meta_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

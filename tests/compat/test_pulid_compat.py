@@ -14,6 +14,7 @@ from bf_backends.pulid.encoder import IDEncoder, IDFormer
 from bf_backends.pulid.loader import load_pulid
 from bf_core.checkpoints import expected_shapes
 from bf_core.errors import CheckpointError
+from bf_core.sdxl import sdxl_unet_config
 
 pytestmark = pytest.mark.compat
 
@@ -24,15 +25,7 @@ CASES = [("pulid_v1", "v1", IDEncoder), ("pulid_v1.1", "v1.1", IDFormer)]
 def _sdxl_unet_on_meta() -> UNet2DConditionModel:
     """The SDXL base UNet architecture (stabilityai/stable-diffusion-xl-base-1.0 config)."""
     with torch.device("meta"):
-        return UNet2DConditionModel(
-            sample_size=128,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280), layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816)
+        return UNet2DConditionModel(**sdxl_unet_config())
 
 
 @pytest.fixture(scope="module")
