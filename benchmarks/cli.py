@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 TINY_STEPS = 3
@@ -182,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         # The tiny run is offline by definition: never let a library reach for a hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # Random-weight face detectors "find" many faces in any picture; saying so for every
+        # image would bury the run's own output.
+        from bf_core.faces import MultipleFacesWarning
+
+        warnings.filterwarnings("ignore", category=MultipleFacesWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
     if lone_cpu_launch():
         print("note: `accelerate launch --cpu` started this one process only (its CPU launcher "
               "needs MPI for more); for N processes without GPUs use `accelerate launch "

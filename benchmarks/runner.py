@@ -305,7 +305,10 @@ class Runner:
 
         pipe = pipes.get(item.pipeline_key, lambda: self._build(item))
         params = self.spec.params
-        call = dict(prompt=item.prompt, negative_prompt=params.negative_prompt,
+        # A backend may need its own wording of the scene prompt (PhotoMaker's trigger word);
+        # metrics, file names and resume fingerprints keep the scene prompt itself.
+        prompt = item.prompt if item.is_reference else self.targets[item.backend].prompt(item.prompt)
+        call = dict(prompt=prompt, negative_prompt=params.negative_prompt,
                     num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
                     height=params.height, width=params.width, output_type="pil",
                     generator=torch.Generator(device="cpu").manual_seed(item.seed))

@@ -9,6 +9,9 @@ The benchmark protocol is optional; a backend implements what it can:
 - ``benchmark_call_kwargs(identity, images)``: the call keywords that give one identity
   (``identity`` is a ``BenchIdentity``, ``images`` its reference photos as PIL images).
   Without it: ``id_images=images`` plus ``id_prompt`` when the identity sets one.
+- ``benchmark_prompt(prompt)``: the prompt this backend is called with for a scene prompt
+  of the grid (PhotoMaker adds its trigger word); the metrics still score the scene
+  prompt. Without it: the prompt as it is.
 
 The protocol is looked up on the registered backend object, so a backend that adds these
 methods is picked up with no change here. Backends shipped before the protocol existed get
@@ -25,6 +28,10 @@ from typing import Any
 from bf_core.errors import ConfigError
 
 
+def unchanged_prompt(prompt: str) -> str:
+    return prompt
+
+
 @dataclass
 class BackendTarget:
     """Everything the runner needs from one backend."""
@@ -32,6 +39,7 @@ class BackendTarget:
     name: str
     build_pipeline: Callable[[str | None], Any]  # checkpoint -> pipeline
     call_kwargs: Callable[[Any, list], dict[str, Any]]  # (identity, images) -> keywords
+    prompt: Callable[[str], str] = unchanged_prompt  # scene prompt -> the one passed
 
 
 def default_call_kwargs(backend: Any, identity: Any, images: list) -> dict[str, Any]:
@@ -88,11 +96,14 @@ def resolve_target(backend: Any, *, tiny: bool, base_model: str | None, torch_dt
         def call_kwargs(identity, images):
             return default_call_kwargs(backend, identity, images)
 
+    prompt = getattr(backend, "benchmark_prompt", None) or unchanged_prompt
+
     if tiny:
         builder = getattr(backend, "benchmark_tiny_pipeline", None) or known_tiny
         if builder is None:
             return "has no benchmark_tiny_pipeline() (see docs/benchmark.md, 'Backend protocol')"
-        return BackendTarget(backend.name, lambda checkpoint, _b=builder: _b(seed=0), call_kwargs)
+        return BackendTarget(backend.name, lambda checkpoint, _b=builder: _b(seed=0), call_kwargs,
+                             prompt)
 
     builder = getattr(backend, "benchmark_pipeline", None) or getattr(backend, "from_pretrained", None)
     if builder is None:
@@ -104,7 +115,7 @@ def resolve_target(backend: Any, *, tiny: bool, base_model: str | None, torch_dt
         backend.name,
         lambda checkpoint, _b=builder: _b(base_model, checkpoint, torch_dtype=torch_dtype,
                                           device=device),
-        call_kwargs)
+        call_kwargs, prompt)
 
 
 def base_pipeline(*, tiny: bool, base_model: str | None, torch_dtype: Any = None,

@@ -395,3 +395,56 @@ class InstantIDBackend:
         from bf_backends.instantid.loader import load_instantid_pipeline
 
         return load_instantid_pipeline(base_model, ip_adapter, identitynet, **kwargs)
+
+    # -- the benchmark protocol (docs/benchmark.md, "Backend protocol") ------------------------
+    # The session reads its face analyser from the call options only, so the analyser of the
+    # last benchmark pipeline built here is kept on the backend and handed to each call.
+    _benchmark_face_analyzer: Any = None
+
+    def benchmark_tiny_pipeline(self, seed: int = 0):
+        """The tiny offline InstantID pipeline, with a random antelopev2 pack that finds a
+        face in every photo as the analyser of the benchmark's calls."""
+        import tempfile
+        from pathlib import Path
+
+        from bf_backends.instantid.testing import face_pack, tiny_pipeline
+        from bf_core.faces import FaceAnalyzer
+
+        folder = Path(tempfile.mkdtemp(prefix="beyondfacial-bench-antelopev2-"))
+        pack = face_pack(folder / "antelopev2", finds_faces=True, seed=seed)
+        self._benchmark_face_analyzer = FaceAnalyzer(str(pack), det_size=(128, 128),
+                                                     providers=["CPUExecutionProvider"])
+        return tiny_pipeline(seed=seed)
+
+    def benchmark_pipeline(self, base_model: str, checkpoint: str | None, *,
+                           torch_dtype: Any = None, device: str | None = None):
+        """``checkpoint`` is a folder holding ``ip-adapter.bin`` and ``ControlNetModel/``
+        (InstantX/InstantID's layout), and optionally the ``antelopev2/`` face pack; without
+        it the pack is looked up in insightface's default root."""
+        from pathlib import Path
+
+        folder = Path(checkpoint) if checkpoint else None
+        if folder is None or not (folder / "ip-adapter.bin").is_file() \
+                or not (folder / "ControlNetModel").is_dir():
+            raise ConfigError(f"InstantID's benchmark checkpoint must be a folder holding "
+                              f"ip-adapter.bin and ControlNetModel/ (InstantX/InstantID), got "
+                              f"{checkpoint!r}; pass --checkpoint instantid=<that folder>")
+        pipe = self.from_pretrained(base_model, str(folder / "ip-adapter.bin"),
+                                    str(folder / "ControlNetModel"), torch_dtype=torch_dtype)
+        if device:
+            pipe.to(device)
+        pack = folder / "antelopev2"
+        self._benchmark_face_analyzer = (build_face_analyzer({"face_model": str(pack)})
+                                         if pack.is_dir() else None)
+        return pipe
+
+    def benchmark_call_kwargs(self, identity: Any, images: list) -> dict[str, Any]:
+        """The photos, ``id_prompt`` when the identity sets one, and the benchmark
+        pipeline's face analyser when it has its own."""
+        kwargs: dict[str, Any] = {"id_images": images}
+        id_prompt = identity.option(self.name, "id_prompt", identity.id_prompt)
+        if id_prompt:
+            kwargs["id_prompt"] = id_prompt
+        if self._benchmark_face_analyzer is not None:
+            kwargs["face_analyzer"] = self._benchmark_face_analyzer
+        return kwargs

@@ -534,6 +534,41 @@ class PhotoMakerBackend:
                               "'TencentARC/PhotoMaker-V2'")
         return load_photomaker_pipeline(base_model, checkpoint, **kwargs)
 
+    # -- the benchmark protocol (docs/benchmark.md, "Backend protocol") ------------------------
+    def benchmark_tiny_pipeline(self, seed: int = 0):
+        """The demo's tiny offline pipeline: V2 with a random face pack on it (V1 without
+        insightface), so the benchmark's call keywords need no face options."""
+        from bf_backends.photomaker.testing import demo_setup
+
+        return demo_setup(seed)[0]
+
+    def benchmark_prompt(self, prompt: str) -> str:
+        """``prompt`` with the trigger word after its first class word, as PhotoMaker's own
+        algorithm (the baseline) needs: "A person is ..." -> "A person img is ...".
+
+        A prompt that already holds the trigger, or has no class word, is returned as it is.
+        The method-on lines remove the trigger again, so they see the plain scene prompt.
+        """
+        import re
+
+        trigger = DEFAULT_TRIGGER_WORD
+        if re.search(rf"\b{re.escape(trigger)}\b", prompt):
+            return prompt
+        class_word = re.compile(r"\b(person|man|woman|boy|girl)\b", re.IGNORECASE)
+        return class_word.sub(rf"\1 {trigger}", prompt, count=1)
+
+    def benchmark_call_kwargs(self, identity: Any, images: list) -> dict[str, Any]:
+        """The photos and ``P_id``: the identity's PhotoMaker ``id_prompt`` as written, else
+        its shared ``id_prompt`` with the trigger added, else ``default_id_prompt``."""
+        import re
+
+        id_prompt = identity.option(self.name, "id_prompt")
+        if not id_prompt and identity.id_prompt:
+            id_prompt = self.benchmark_prompt(identity.id_prompt)
+            if not re.search(rf"\b{re.escape(DEFAULT_TRIGGER_WORD)}\b", id_prompt):
+                id_prompt = None  # no class word to put the trigger after
+        return {"id_images": images, "id_prompt": id_prompt or self.default_id_prompt}
+
 
 __all__ = ["BACKEND_OPTIONS", "PhotoMakerBackend", "PhotoMakerHost", "PhotoMakerSession",
            "is_official_photomaker_pipeline", "lora_adapter_off", "official_tokens_per_image"]

@@ -376,6 +376,45 @@ class PuLIDBackend:
     def open_session(self, pipe: Any, request: GenerationRequest, config: Any) -> PuLIDSession:
         return PuLIDSession(self, pipe, request, config)
 
+    # -- the benchmark protocol (docs/benchmark.md, "Backend protocol") ------------------------
+    def benchmark_tiny_pipeline(self, seed: int = 0):
+        """The tiny offline PuLID v1.1 pipeline; its tiny face models travel on ``pipe.pulid``."""
+        from bf_backends.pulid.testing import tiny_pipeline
+
+        return tiny_pipeline("v1.1", seed=seed)
+
+    def benchmark_pipeline(self, base_model: str, checkpoint: str | None, *,
+                           torch_dtype: Any = None, device: str | None = None):
+        """``checkpoint`` is the PuLID file (``pulid_v1.bin`` or ``pulid_v1.1.safetensors``);
+        the face models lie beside it: ``antelopev2/`` (the insightface pack),
+        ``parsing_bisenet.pth`` and ``EVA02_CLIP_L_336_psz14_s6B.pt``; and, when present,
+        ``sdxl_lightning_4step_unet.safetensors`` replaces the base UNet (the v1 set-up)."""
+        from pathlib import Path
+
+        from bf_backends.pulid.eva import load_eva_features
+        from bf_backends.pulid.features import PuLIDFaceFeatures, load_bisenet_parser
+        from bf_core.faces import FaceAnalyzer
+
+        path = Path(checkpoint) if checkpoint else None
+        if path is None or not path.is_file():
+            raise ConfigError(f"PuLID's benchmark checkpoint must be the PuLID file, got "
+                              f"{checkpoint!r}; pass --checkpoint pulid=<folder>/pulid_v1.bin")
+        folder = path.parent
+        needed = [folder / "antelopev2", folder / "parsing_bisenet.pth",
+                  folder / "EVA02_CLIP_L_336_psz14_s6B.pt"]
+        missing = [p.name for p in needed if not p.exists()]
+        if missing:
+            raise ConfigError(f"PuLID's face models {missing} are not beside {path.name} in "
+                              f"{folder}; put the antelopev2/ pack, parsing_bisenet.pth and "
+                              "EVA02_CLIP_L_336_psz14_s6B.pt there (docs/backends/pulid.md)")
+        features = PuLIDFaceFeatures(FaceAnalyzer(str(needed[0])),
+                                     load_bisenet_parser(needed[1], device=device),
+                                     load_eva_features(str(needed[2]), device=device))
+        lightning = folder / "sdxl_lightning_4step_unet.safetensors"
+        return load_pulid_pipeline(base_model, path, features, torch_dtype=torch_dtype,
+                                   device=device,
+                                   unet_weights=lightning if lightning.is_file() else None)
+
 
 def load_pulid_pipeline(base_model: str, checkpoint: str | os.PathLike, features: FeatureExtractor,
                         *, unet_weights: str | os.PathLike | None = None, torch_dtype=None,

@@ -9,6 +9,10 @@ from PIL import Image
 from benchmarks.scenarios import BenchIdentity
 from benchmarks.targets import BackendTarget, resolve_target
 
+BUILT_IN_BACKENDS = ("dreambooth", "instantid", "ipadapter", "photomaker", "pulid")
+#: the backends whose benchmark protocol is their own (the others come from KNOWN_BACKENDS)
+PROTOCOL_BACKENDS = ("instantid", "photomaker", "pulid")
+
 
 class _BareBackend:
     name = "bare"
@@ -74,6 +78,97 @@ def test_installed_ipadapter_is_in_tiny_runs_and_its_own_protocol_would_win():
 
     own = resolve_target(OwnIPAdapter(), tiny=True, base_model=None)
     assert own.build_pipeline(None) == "tiny pipeline 0"  # not the known fallback
+
+
+def _installed(names):
+    from bf_core.plugins import get_registry
+
+    installed = get_registry().backends()
+    missing = [name for name in names if name not in installed]
+    if missing:
+        pytest.skip(f"backend(s) {missing} not installed")
+    return installed
+
+
+def test_a_tiny_run_targets_every_built_in_backend(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("insightface")
+    from benchmarks.cli import build_parser, spec_from_args
+    from benchmarks.runner import Runner
+
+    _installed(BUILT_IN_BACKENDS)
+    args = build_parser().parse_args(["--tiny", "--out", str(tmp_path), "--no-progress"])
+    runner = Runner(spec_from_args(args), rank=0, world_size=1)
+    assert runner.skipped == {}
+    assert set(BUILT_IN_BACKENDS) <= set(runner.targets)
+    assert {item.backend for item in runner.grid if not item.is_reference} >= set(BUILT_IN_BACKENDS)
+
+
+def test_photomaker_is_called_with_its_trigger_word_and_scored_on_the_scene_prompt():
+    backend = _installed(["photomaker"])["photomaker"]
+    target = resolve_target(backend, tiny=True, base_model=None)
+    scene = "A person is kneeling by a small lake, touching the water"
+    assert target.prompt(scene) == "A person img is kneeling by a small lake, touching the water"
+    assert target.prompt("a woman img by a lake") == "a woman img by a lake"  # already there
+    assert target.prompt("a quiet lake at dawn") == "a quiet lake at dawn"  # no class word
+    for other in ("dreambooth", "ipadapter"):
+        assert resolve_target(_installed([other])[other], tiny=True,
+                              base_model=None).prompt(scene) == scene
+
+    plain = BenchIdentity("p", ())
+    shared = BenchIdentity("q", (), id_prompt="a photo of a woman")
+    own = BenchIdentity("r", (), id_prompt="a photo of a woman",
+                        backend_options={"photomaker": {"id_prompt": "a man img, smiling"}})
+    assert target.call_kwargs(plain, ["x"]) == {"id_images": ["x"],
+                                                "id_prompt": backend.default_id_prompt}
+    assert target.call_kwargs(shared, ["x"])["id_prompt"] == "a photo of a woman img"
+    assert target.call_kwargs(own, ["x"])["id_prompt"] == "a man img, smiling"
+
+
+def test_real_runs_of_instantid_and_pulid_say_which_files_their_checkpoint_needs(tmp_path):
+    from bf_core.errors import ConfigError
+
+    installed = _installed(["instantid", "pulid"])
+    (tmp_path / "ip-adapter.bin").write_bytes(b"")  # no ControlNetModel/ beside it
+    pulid_file = tmp_path / "pulid_v1.bin"
+    pulid_file.write_bytes(b"")  # no face models beside it
+    for name, checkpoint, named in (("instantid", tmp_path, "ControlNetModel/"),
+                                    ("pulid", pulid_file, "parsing_bisenet.pth")):
+        target = resolve_target(installed[name], tiny=False, base_model="some/sdxl")
+        with pytest.raises(ConfigError, match=named):
+            target.build_pipeline(str(checkpoint))
+
+
+def test_each_protocol_backend_draws_a_tiny_image_through_its_benchmark_target(tmp_path):
+    """One baseline image per backend, from the tiny pipeline, call keywords and prompt the
+    benchmark itself would use: the method-off path is where PhotoMaker needs its trigger."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("insightface")
+    import torch
+
+    import bf_core
+    from benchmarks.cli import _tiny_identities
+    from benchmarks.scenarios import Setting, load_identity, load_prompt_set
+
+    installed = _installed(PROTOCOL_BACKENDS)
+    identity = load_identity(_tiny_identities(tmp_path)[0])
+    photos = identity.load_images()
+    scene = load_prompt_set("action").prompts[0]
+    baseline = Setting.named("baseline")
+    for name in PROTOCOL_BACKENDS:
+        target = resolve_target(installed[name], tiny=True, base_model=None)
+        pipe = target.build_pipeline(None)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = target.call_kwargs(identity, photos)
+        assert kwargs["id_images"] == photos, name
+        result = bf_core.wrap(pipe, backend=name, config=baseline.config)(
+            prompt=target.prompt(scene), num_inference_steps=2, guidance_scale=5.0,
+            height=64, width=64, output_type="pil",
+            generator=torch.Generator().manual_seed(0), **kwargs)
+        pixels = np.asarray(result.images[0], dtype=np.float32)
+        assert pixels.shape == (64, 64, 3), name
+        assert np.isfinite(pixels).all() and pixels.std() > 0, name  # a picture, not a blank
+        assert result.diagnostics["unet_rows"] > 0, name
 
 
 def test_largest_face_is_the_largest_of_all_detections_with_the_same_embedding(tmp_path):
