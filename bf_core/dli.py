@@ -304,6 +304,61 @@ def decode_latents(pipe: Any, latents: torch.Tensor, output_type: str):
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
+def sdxl_time_ids(pipe: Any, primary: LineConditioning, sizes: tuple, negative_sizes: tuple):
+    """SDXL's micro-conditioning ids (positive, negative) as the stock call makes them.
+
+    sizes: (original_size, crops_coords_top_left, target_size); the negative ones are used
+    only when both negative sizes are given, else the negative ids equal the positive ones.
+    """
+    projection_dim = (int(primary.pooled.shape[-1]) if pipe.text_encoder_2 is None
+                      else pipe.text_encoder_2.config.projection_dim)
+
+    def ids(original, crops, target):
+        return pipe._get_add_time_ids(original, crops, target, dtype=primary.prompt_embeds.dtype,
+                                      text_encoder_projection_dim=projection_dim)
+
+    time_ids = ids(*sizes)
+    negative_original, _, negative_target = negative_sizes
+    if negative_original is not None and negative_target is not None:
+        return time_ids, ids(*negative_sizes)
+    return time_ids, time_ids
+
+
+def truncate_for_denoising_end(scheduler: Any, timesteps, num_steps: int,
+                               denoising_end: float | None):
+    """Keep the timesteps before ``denoising_end`` (a fraction in (0, 1)), as the stock call."""
+    if not (isinstance(denoising_end, float) and 0 < denoising_end < 1):
+        return timesteps, num_steps
+    train_steps = scheduler.config.num_train_timesteps
+    cutoff = int(round(train_steps - denoising_end * train_steps))
+    num_steps = len([ts for ts in timesteps if ts >= cutoff])
+    return timesteps[:num_steps], num_steps
+
+
+def guidance_embedding(pipe: Any, guidance_scale: float, rows: int, latents: torch.Tensor):
+    """The guidance-scale embedding of distilled (LCM-style) UNets; None for SDXL base."""
+    dim = pipe.unet.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    scale = torch.tensor(guidance_scale - 1).repeat(rows)
+    return pipe.get_guidance_scale_embedding(scale, embedding_dim=dim).to(
+        device=latents.device, dtype=latents.dtype)
+
+
+def run_step_callback(callback, pipe: Any, step: int, timestep, tensor_inputs: list[str],
+                      overrides: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):
+    """``callback_on_step_end`` as the stock loop runs it; returns the (maybe new) latents.
+
+    Returned ``prompt_embeds``/``add_text_embeds``/``add_time_ids`` replace the primary
+    line's tensors for the later steps (kept in ``overrides``).
+    """
+    outputs = callback(pipe, step, timestep, {name: values[name] for name in tensor_inputs})
+    for name in ("prompt_embeds", "add_text_embeds", "add_time_ids"):
+        if name in outputs:
+            overrides[name] = outputs.pop(name)
+    return outputs.pop("latents", values["latents"])
+
+
 def _check_call(pipe, prompt, prompt_embeds, height, width, tensor_inputs) -> None:
     if height % 8 != 0 or width % 8 != 0:
         raise ConfigError(f"height and width must be divisible by 8, got {height} and {width}")
@@ -417,16 +472,9 @@ def run(
                                        primary.prompt_embeds.dtype, device, generator, latents)
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
 
-        projection_dim = (int(primary.pooled.shape[-1]) if pipe.text_encoder_2 is None
-                          else pipe.text_encoder_2.config.projection_dim)
-        time_ids = pipe._get_add_time_ids(original_size, crops_coords_top_left, target_size,
-                                          dtype=primary.prompt_embeds.dtype,
-                                          text_encoder_projection_dim=projection_dim)
-        negative_time_ids = time_ids
-        if negative_original_size is not None and negative_target_size is not None:
-            negative_time_ids = pipe._get_add_time_ids(
-                negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                dtype=primary.prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
+        time_ids, negative_time_ids = sdxl_time_ids(
+            pipe, primary, (original_size, crops_coords_top_left, target_size),
+            (negative_original_size, negative_crops_coords_top_left, negative_target_size))
 
         lines = plan_lines(session, identity, config, request, primary_line,
                            lambda cond: cfg_line_tensors(cond, time_ids, negative_time_ids, rows,
@@ -434,18 +482,9 @@ def run(
                            num_inference_steps)
         diagnostics.update(lines.diagnostics)
 
-        if (denoising_end is not None and isinstance(denoising_end, float)
-                and 0 < denoising_end < 1):
-            train_steps = pipe.scheduler.config.num_train_timesteps
-            cutoff = int(round(train_steps - denoising_end * train_steps))
-            num_inference_steps = len([ts for ts in timesteps if ts >= cutoff])
-            timesteps = timesteps[:num_inference_steps]
-        timestep_cond = None
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            scale_tensor = torch.tensor(guidance_scale - 1).repeat(rows)
-            timestep_cond = pipe.get_guidance_scale_embedding(
-                scale_tensor, embedding_dim=pipe.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
+        timesteps, num_inference_steps = truncate_for_denoising_end(
+            pipe.scheduler, timesteps, num_inference_steps, denoising_end)
+        timestep_cond = guidance_embedding(pipe, guidance_scale, rows, latents)
 
         pipe._num_timesteps = len(timesteps)
         if hasattr(pipe.scheduler, "set_begin_index"):
@@ -486,13 +525,10 @@ def run(
                     latents = latents.to(latents_dtype)
 
                 if callback_on_step_end is not None:
-                    values = {"latents": latents, "prompt_embeds": prompt_embeds,
-                              "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids}
-                    outputs = callback_on_step_end(pipe, i, t, {k: values[k] for k in tensor_inputs})
-                    latents = outputs.pop("latents", latents)
-                    for name in ("prompt_embeds", "add_text_embeds", "add_time_ids"):
-                        if name in outputs:
-                            overrides[name] = outputs.pop(name)
+                    latents = run_step_callback(
+                        callback_on_step_end, pipe, i, t, tensor_inputs, overrides,
+                        {"latents": latents, "prompt_embeds": prompt_embeds,
+                         "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids})
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps
                                                and (i + 1) % pipe.scheduler.order == 0):
