@@ -206,15 +206,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.base_model:
             raise SystemExit("error: --base-model is required (a local diffusers SDXL folder or a "
                              "hub id), or pass --tiny for the offline tiny pipeline")
-        if not hasattr(backend, "from_pretrained"):
+        # (base model, one checkpoint path) -> pipeline: the benchmark protocol's builder where a
+        # method needs several files (InstantID: a folder; PuLID: its file with models beside
+        # it; docs/benchmark.md), else the backend's from_pretrained.
+        build = (getattr(backend, "benchmark_pipeline", None)
+                 or getattr(backend, "from_pretrained", None))
+        if build is None:
             raise SystemExit(f"error: backend {args.backend!r} cannot build pipelines from paths; "
                              "wrap your own pipeline from Python with bf_core.wrap(pipe)")
         import torch
 
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float32": torch.float32}[args.dtype]
-        pipe = backend.from_pretrained(args.base_model, args.checkpoint, torch_dtype=dtype,
-                                       device=args.device)
+        pipe = build(args.base_model, args.checkpoint, torch_dtype=dtype, device=args.device)
     pipe.set_progress_bar_config(disable=False)
     bf = bf_core.wrap(pipe, backend=args.backend, config=config)
     call_kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
@@ -318,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "their fusion maps and exact settings")
     gen.add_argument("--backend", default="dreambooth", help="see `beyondfacial backends`")
     gen.add_argument("--base-model", help="diffusers SDXL folder or hub id")
-    gen.add_argument("--checkpoint", help="the identity method's checkpoint (path or id)")
+    gen.add_argument("--checkpoint", help="the identity method's checkpoint (path or id); for "
+                     "InstantID a folder with ip-adapter.bin and ControlNetModel/, for PuLID its "
+                     "file with the face models beside it (docs/benchmark.md)")
     gen.add_argument("--tiny", action="store_true", help="use the offline tiny random pipeline")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
