@@ -376,7 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = [0]
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. the torchvision fallback notice
-    return args.func(args)
+    from bf_core.errors import BeyondFacialError
+
+    try:
+        return args.func(args)
+    except BeyondFacialError as exc:  # our errors say what to do: no traceback needed
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

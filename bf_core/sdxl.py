@@ -8,6 +8,7 @@ extra UNet inputs (``added_cond_kwargs``, ``unet_extra_kwargs``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -60,10 +61,15 @@ def load_sdxl_pipeline(base_model: str, torch_dtype=None, device: str | None = N
 
     from bf_core.errors import CheckpointError
 
+    # "org/name" may be a hub id; an absolute, relative or home path can only be a folder.
+    looks_local = base_model.startswith((".", "/", "~"))
+    if looks_local and not os.path.isdir(os.path.expanduser(base_model)):
+        raise CheckpointError(f"the SDXL base model folder {base_model!r} does not exist; give a "
+                              "local diffusers SDXL folder or a hub id")
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(
             base_model, torch_dtype=torch_dtype, local_files_only=local_files_only)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(
             f"could not load the SDXL base model {base_model!r} ({exc}). Give a local folder in "
             "diffusers layout (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, "

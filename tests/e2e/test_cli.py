@@ -57,9 +57,18 @@ def test_generate_writes_images_fusion_maps_and_exact_settings(tmp_path, capsys)
         cli.main(args)
 
 
-def test_generate_rejects_bad_settings_with_the_field_named(tmp_path):
-    with pytest.raises(ValueError, match="lambda_id"):
-        cli.main(["generate", "--tiny", "--prompt", "x", "--lambda-id", "0", "--out", str(tmp_path)])
+def test_generate_rejects_bad_settings_with_the_field_named(tmp_path, capsys):
+    code = cli.main(["generate", "--tiny", "--prompt", "x", "--lambda-id", "0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "lambda_id" in err
+
+
+def test_generate_names_a_missing_base_model(tmp_path, capsys):
+    missing = tmp_path / "no-such-sdxl"
+    code = cli.main(["generate", "--base-model", str(missing), "--prompt", "x", "--out",
+                     str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and "does not exist" in err
 
 
 def test_demo_writes_its_pictures(tmp_path, capsys):
