@@ -50,7 +50,7 @@ from bf_core.errors import ConfigError, ImageInputError
 from bf_core.protocols import GenerationRequest, Identity, Line, LineConditioning, RowBatch
 from bf_core.rowbatch import lora_layer_row_maskable, lora_rows_of_layers, row_mask
 from bf_core.sdxl import SDXLSession, encode_line_text, has_ip_adapter, is_sdxl_pipeline
-from bf_core.switching import adapters_disabled, peft_tuner_layers
+from bf_core.switching import AdapterSwitch, peft_tuner_layers
 
 #: The official pipelines' default: step indices 0..10 use the text-only prompt.
 DEFAULT_START_MERGE_STEP = 10
@@ -177,16 +177,19 @@ def _active_adapter_names(layer: torch.nn.Module) -> set[str]:
 
 
 @contextmanager
-def lora_adapter_off(unet: torch.nn.Module, adapter_name: str) -> Iterator[None]:
+def lora_adapter_off(unet: torch.nn.Module, adapter_name: str,
+                     switch: AdapterSwitch | None = None) -> Iterator[None]:
     """Switch one PEFT adapter off in ``unet`` for the block, leaving others as they are.
 
     Layers where it is the only active adapter are switched off with the core's exact
     switch. Where another adapter (a style LoRA) shares the layer, the adapter's scale is
     set to 0 instead: the layer then adds exact zeros for it, and the other adapter keeps
-    its contribution. Both are put back on exit.
+    its contribution. Both are put back on exit. ``switch``: the session's
+    ``AdapterSwitch([unet], [adapter_name])``, so the UNet is not walked at every step.
     """
+    switch = switch or AdapterSwitch([unet], [adapter_name])
     shared = []
-    for name, layer in peft_tuner_layers(unet):
+    for name, layer in switch.all_layers:
         active = _active_adapter_names(layer)
         if adapter_name in active and len(active) > 1 and not layer._disable_adapters:
             if getattr(layer, "merged", False):
@@ -199,7 +202,7 @@ def lora_adapter_off(unet: torch.nn.Module, adapter_name: str) -> Iterator[None]
     try:
         for layer in shared:
             layer.scaling[adapter_name] = 0.0
-        with adapters_disabled([unet], [adapter_name]):
+        with switch.disabled():
             yield
     finally:
         for layer, scale in saved:
@@ -263,6 +266,7 @@ class PhotoMakerSession(SDXLSession):
         self._references: ReferenceInputs | None = None
         self._text_only: LineConditioning | None = None
         self._lora_layers: list[torch.nn.Module] | None = None
+        self._adapter_switch: AdapterSwitch | None = None
         self._lora_rows_switchable: bool | None = None
 
     def _start_merge_step(self) -> int:
@@ -400,7 +404,9 @@ class PhotoMakerSession(SDXLSession):
     @contextmanager
     def line_state(self, line: Line) -> Iterator[None]:
         if line is Line.SEMANTIC and self._semantic_lora_off:
-            with lora_adapter_off(self.pipe.unet, self.host.adapter_name):
+            if self._adapter_switch is None:  # found once per call
+                self._adapter_switch = AdapterSwitch([self.pipe.unet], [self.host.adapter_name])
+            with lora_adapter_off(self.pipe.unet, self.host.adapter_name, self._adapter_switch):
                 yield
         else:
             yield
