@@ -1,34 +1,63 @@
-"""Speed and memory: the stock pipeline against the wrapped one, on the same device.
+"""Speed and memory: each backend's baseline against the wrapped pipeline, on the same device.
 
 Two sizes:
 - ``--size real``: a real-size SDXL architecture (UNet, both CLIP text encoders, VAE) built
   from its published config with random weights (nothing is downloaded), fp16 on CUDA;
 - ``--size tiny``: the tiny offline pipeline, anywhere (CPU), for the wrapper's own overhead.
 
-For each mode (eager, and ``torch.compile`` of the UNet with ``--compile``) it times the
-stock call and the wrapped call with BeyondFacial's defaults (50 steps, M1 = 10, M2 = 15),
-the wrapped call with both lines in one row-masked UNet call and with one call per line,
-and reports ratios, peak memory, UNet time and the per-step IdAF time. Identity: a random
-rank-64 character LoRA on the UNet's attention (the DreamBooth backend), the one identity
-method whose per-line switch needs no checkpoint.
+``--backends`` picks the identity methods (default ``dreambooth``). Each one gets its ID
+modules at the size of the pipeline, with random weights:
 
-    python -m benchmarks.speed --size real --device cuda --compile --out speed-results
+- ``dreambooth``: a random rank-64 character LoRA on the UNet's attention;
+- ``ipadapter``: an IP-Adapter plus-face (16-token resampler, ``to_k_ip``/``to_v_ip`` on every
+  cross-attention), loaded with diffusers' ``load_ip_adapter``, fed precomputed
+  ``ip_adapter_image_embeds`` (no image encoder);
+- ``photomaker``: PhotoMaker V2 (its ID encoder and a rank-64 LoRA on every attention
+  projection) through ``load_photomaker``, with precomputed ``id_embeds`` (no face analyzer);
+- ``instantid``: IdentityNet (a ControlNet from the published config) and the 16-token ID
+  attention, with precomputed ``face_embeds`` and fixed keypoints (no face analyzer);
+- ``pulid``: PuLID v1.1 (ID encoder and ID attention) with random face features of the real
+  encoders' shapes in place of the face pipeline.
+
+One pipeline is alive at a time: each backend's is freed before the next is built. For each
+mode (eager, and ``torch.compile`` of the UNet with ``--compile``) it times "stock" (the
+stock pipeline for DreamBooth; for the other backends the method's own single-line
+algorithm, ``BFConfig(enabled=False)`` through ``bf_core.wrap``), the wrapped call with
+BeyondFacial's defaults (50 steps, M1 = 10, M2 = 15) with both lines in one row-masked UNet
+call and with one call per line, and reports ratios, peak memory, UNet time and the per-step
+IdAF time.
+
+    python -m benchmarks.speed --size real --device cuda --compile --out speed-results \
+        --backends dreambooth,ipadapter,photomaker,instantid,pulid
     python -m benchmarks.speed --size tiny --device cpu --out speed-results
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 PROMPT = "a person is kneeling by a small lake, touching the water gently"
 ID_PROMPT = "a photo of sks person"
+BACKENDS = ("dreambooth", "ipadapter", "photomaker", "instantid", "pulid")
+VARIANTS = ("stock", "wrapped (one call per step)", "wrapped (one call per line)")
+
+# Real-size widths of the inputs the methods' own encoders would compute.
+CLIP_VIT_H_HIDDEN = 1280  # IP-Adapter plus-face reads CLIP ViT-H/14 hidden states ...
+CLIP_TOKENS = 257  # ... of a 224 px image: 16 x 16 patches and the class token
+EVA_CLIP_TOKENS = 577  # PuLID's EVA02-CLIP-L at 336 px: 24 x 24 patches and the class token
+ARCFACE_DIM = 512
+PHOTOMAKER_LORA_RANK = 64  # the rank of the published PhotoMaker LoRA
 
 
 def real_size_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
@@ -84,6 +113,178 @@ def add_identity_lora(pipe, rank: int, seed: int = 0) -> None:
     pipe.unet.to(dtype=pipe.unet.dtype)
 
 
+# ---------------------------------------------------------------------------------------
+# Identity modules per backend, at the size of the pipeline (random weights)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class BackendSetup:
+    """A pipeline with one backend's ID modules and the call keywords of its identity.
+
+    ``identity`` goes to the baseline and the wrapped calls alike; ``stock_is_pipeline``
+    times the pipeline's own call as "stock" (DreamBooth, whose baseline is that call).
+    """
+
+    pipe: Any
+    identity: dict[str, Any] = field(default_factory=dict)
+    prompt: str = PROMPT
+    stock_is_pipeline: bool = False
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def reference_photo(size: int = 96):
+    """A plain RGB picture: the methods that still read pixels (PhotoMaker's CLIP tower)
+    need one, its content does not change the cost."""
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), (180, 140, 120))
+
+
+def setup_dreambooth(pipe, real: bool, lora_rank: int, resolution: int,
+                     seed: int = 0) -> BackendSetup:
+    add_identity_lora(pipe, rank=lora_rank, seed=seed)
+    return BackendSetup(pipe, {"id_prompt": ID_PROMPT}, stock_is_pipeline=True)
+
+
+def setup_ipadapter(pipe, real: bool, lora_rank: int, resolution: int,
+                    seed: int = 0) -> BackendSetup:
+    """IP-Adapter plus-face, fed precomputed CLIP hidden states [negative; positive]
+    (2, 1, 257, width), so no image encoder is loaded."""
+    from bf_backends.ipadapter.testing import tiny_adapter_state_dict, tiny_image_embed_dim
+
+    cross = int(pipe.unet.config.cross_attention_dim)
+    width = CLIP_VIT_H_HIDDEN if real else tiny_image_embed_dim("plus-face", cross)
+    state = tiny_adapter_state_dict("plus-face", pipe.unet, image_embed_dim=width, seed=seed)
+    pipe.load_ip_adapter(state, weight_name="", subfolder="", image_encoder_folder=None)
+    embeds = torch.randn((2, 1, CLIP_TOKENS, width), generator=_generator(seed))
+    embeds = embeds.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    return BackendSetup(pipe, {"ip_adapter_image_embeds": [embeds]})
+
+
+def setup_photomaker(pipe, real: bool, lora_rank: int, resolution: int,
+                     seed: int = 0) -> BackendSetup:
+    """PhotoMaker V2: the real-size (or tiny) ID encoder and LoRA, loaded with
+    ``load_photomaker``; a precomputed ArcFace embedding replaces the face analyzer."""
+    from bf_backends.photomaker.encoder import PhotoMakerIDEncoderV2, build_tiny_encoder
+    from bf_backends.photomaker.loader import load_photomaker
+    from bf_backends.photomaker.testing import make_tiny_lora_weights
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = PhotoMakerIDEncoderV2() if real else build_tiny_encoder("v2")
+    checkpoint = {
+        "id_encoder": encoder.state_dict(),
+        "lora_weights": make_tiny_lora_weights(
+            pipe.unet, rank=PHOTOMAKER_LORA_RANK if real else 4, seed=seed),
+    }
+    state = load_photomaker(pipe, checkpoint, "v2", encoder=encoder)
+    trigger = state.trigger_word
+    identity = {"id_images": [reference_photo()], "id_prompt": f"a person {trigger}",
+                "id_embeds": torch.randn((1, ARCFACE_DIM), generator=_generator(seed))}
+    # The baseline (PhotoMaker's own algorithm) needs the trigger word in the prompt.
+    prompt = PROMPT.replace("a person", f"a person {trigger}", 1)
+    return BackendSetup(pipe, identity, prompt=prompt)
+
+
+def five_keypoints(resolution: int):
+    """(5, 2) face keypoints in output pixels (eyes, nose, mouth corners), centred."""
+    import numpy as np
+
+    fractions = np.array([[0.42, 0.40], [0.58, 0.40], [0.50, 0.50], [0.44, 0.60], [0.56, 0.60]])
+    return fractions * resolution
+
+
+def setup_instantid(pipe, real: bool, lora_rank: int, resolution: int,
+                    seed: int = 0) -> BackendSetup:
+    """InstantID: IdentityNet from the published ControlNet config and the 16-token ID
+    attention (1280-wide resampler); precomputed face embedding and fixed keypoints replace
+    the face analyzer."""
+    from bf_backends.instantid.loader import (
+        RESAMPLER_WIDTH,
+        assemble_instantid_pipeline,
+        config_for_identitynet,
+    )
+    from bf_backends.instantid.testing import make_instantid_state_dict, tiny_identitynet
+
+    if real:
+        from diffusers import ControlNetModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = ControlNetModel(**config_for_identitynet())
+        state = make_instantid_state_dict(pipe.unet, seed=seed, hidden_dim=RESAMPLER_WIDTH)
+    else:
+        net = tiny_identitynet(seed=seed, cross_attention_dim=pipe.unet.config.cross_attention_dim)
+        state = make_instantid_state_dict(pipe.unet, seed=seed)
+    net = net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    pipe = assemble_instantid_pipeline(pipe, net, state)
+    identity = {"face_embeds": torch.randn((1, ARCFACE_DIM), generator=_generator(seed)),
+                "kps": five_keypoints(resolution)}
+    return BackendSetup(pipe, identity)
+
+
+class RandomFaceFeatures:
+    """PuLID's face pipeline replaced by random features of its output shapes.
+
+    ``(image, index) -> FaceFeatures``: id_cond (1, id_cond_dim) and five EVA-CLIP hidden
+    states (1, tokens, vit_dim), float32 on ``device``. The ID encoder and the ID attention
+    run for real on them; the face detector, parser and EVA-CLIP are not built.
+    """
+
+    def __init__(self, id_cond_dim: int, vit_dim: int, tokens: int, device, seed: int = 0):
+        self.id_cond_dim, self.vit_dim, self.tokens = id_cond_dim, vit_dim, tokens
+        self.device, self.seed = device, seed
+
+    def __call__(self, image, index: int | None = None):
+        import numpy as np
+
+        from bf_backends.pulid.features import FaceFeatures
+
+        generator = _generator(self.seed + (index or 0))
+        id_cond = torch.randn((1, self.id_cond_dim), generator=generator)
+        hidden = [torch.randn((1, self.tokens, self.vit_dim), generator=generator)
+                  for _ in range(5)]
+        return FaceFeatures(id_cond.to(self.device), [h.to(self.device) for h in hidden],
+                            aligned=np.zeros((1, 1, 3), np.uint8), clip_input=torch.zeros(3, 1, 1))
+
+
+def setup_pulid(pipe, real: bool, lora_rank: int, resolution: int,
+                seed: int = 0) -> BackendSetup:
+    """PuLID v1.1: the real-size (or tiny) IDFormer and ID attention via ``attach_pulid``."""
+    from bf_backends.pulid.backend import attach_pulid
+    from bf_backends.pulid.encoder import IDFormerConfig
+    from bf_backends.pulid.testing import (
+        TINY_ID_COND_DIM,
+        TINY_VIT_TOKENS,
+        tiny_encoder_config,
+        tiny_pulid_state_dict,
+    )
+
+    if real:
+        config, tokens = IDFormerConfig(), EVA_CLIP_TOKENS
+    else:
+        config = tiny_encoder_config("v1.1", pipe.unet.config.cross_attention_dim,
+                                     id_cond_dim=TINY_ID_COND_DIM)
+        tokens = TINY_VIT_TOKENS
+    state = tiny_pulid_state_dict(pipe.unet, "v1.1", seed=seed, encoder_config=config)
+    features = RandomFaceFeatures(config.id_cond_dim, config.vit_dim, tokens,
+                                  pipe.unet.device, seed)
+    adapter = attach_pulid(pipe, state, features, version="v1.1", encoder_config=config)
+    adapter.encoder.to(pipe.unet.device)  # the ID encoder stays float32, as loaded
+    return BackendSetup(pipe, {"id_images": [reference_photo()]})
+
+
+#: backend name -> (base pipeline, real size?, DreamBooth LoRA rank, resolution) -> set-up
+SETUPS: dict[str, Callable[..., BackendSetup]] = {
+    "dreambooth": setup_dreambooth, "ipadapter": setup_ipadapter,
+    "photomaker": setup_photomaker, "instantid": setup_instantid, "pulid": setup_pulid,
+}
+
+
+
 class UNetTimer:
     """Wall time spent inside the UNet's forward, summed over a run (synchronised)."""
 
@@ -111,6 +312,7 @@ class UNetTimer:
 
 @dataclass
 class Measurement:
+    backend: str  # one of BACKENDS
     mode: str  # eager | compiled
     variant: str  # stock | wrapped (batched) | wrapped (per line)
     seconds: float
@@ -159,51 +361,94 @@ def idaf_milliseconds(device: str, dtype: torch.dtype, shape: tuple[int, ...], i
     return (time.perf_counter() - start) / iterations * 1000
 
 
-def measure(args) -> dict:
+def parse_backends(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(BACKENDS)}, comma-separated")
+    return names
+
+
+def _free(device: str) -> None:
+    """Release the last backend's pipeline and compiled graphs before building the next."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def measure_backend(name: str, setup: BackendSetup, args, call: dict, modes: list[str],
+                    progress, rows: list[Measurement]) -> None:
+    """Time the three variants of one backend in each mode, appending to ``rows`` as each
+    is measured (so a failure in a later mode keeps the earlier numbers)."""
     import bf_core
 
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    build = real_size_pipeline if args.size == "real" else tiny_pipeline
-    pipe = build(args.device, dtype)
-    add_identity_lora(pipe, rank=args.lora_rank)
+    pipe = setup.pipe
     pipe.set_progress_bar_config(disable=True)
-    resolution = args.resolution or (1024 if args.size == "real" else 128)
-    call = dict(prompt=PROMPT, num_inference_steps=args.steps, height=resolution, width=resolution,
-                output_type="latent")
+    call = dict(call, prompt=setup.prompt)
 
     def generator():
         return torch.Generator(device="cpu").manual_seed(0)
 
-    variants = {
-        "stock": lambda: pipe(**call, generator=generator()),
-        "wrapped (one call per step)": lambda: bf_core.wrap(pipe, config=bf_core.BFConfig())(
-            **call, id_prompt=ID_PROMPT, generator=generator()),
-        "wrapped (one call per line)": lambda: bf_core.wrap(
-            pipe, config=bf_core.BFConfig(batch_lines=False))(**call, id_prompt=ID_PROMPT,
-                                                              generator=generator()),
-    }
-    modes = ["eager"] + (["compiled"] if args.compile else [])
-    rows: list[Measurement] = []
-    from tqdm.auto import tqdm
+    def wrapped(config):
+        wrapper = bf_core.wrap(pipe, backend=name, config=config)
+        return lambda: wrapper(**call, **setup.identity, generator=generator())
 
-    progress = tqdm(total=len(modes) * len(variants), desc="speed", disable=args.no_progress)
+    if setup.stock_is_pipeline:
+        def stock():
+            return pipe(**call, generator=generator())
+    else:
+        stock = wrapped(bf_core.BFConfig(enabled=False))
+    runs = dict(zip(VARIANTS, (stock, wrapped(bf_core.BFConfig()),
+                               wrapped(bf_core.BFConfig(batch_lines=False))), strict=True))
     for mode in modes:
         if mode == "compiled":
             pipe.unet = torch.compile(pipe.unet, dynamic=True)
-        for name, run in variants.items():
+        for variant, run in runs.items():
             run()  # warm-up (and compilation)
             seconds, unet_seconds, peak, output = time_call(run, args.device, pipe.unet, args.repeats)
             unet_rows = getattr(output, "diagnostics", {}).get("unet_rows", 2 * args.steps)
-            rows.append(Measurement(mode, name, seconds, unet_seconds, peak, unet_rows))
+            rows.append(Measurement(name, mode, variant, seconds, unet_seconds, peak, unet_rows))
             progress.update()
+
+
+def measure(args) -> dict:
+    from tqdm.auto import tqdm
+
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    build = real_size_pipeline if args.size == "real" else tiny_pipeline
+    resolution = args.resolution or (1024 if args.size == "real" else 128)
+    call = dict(num_inference_steps=args.steps, height=resolution, width=resolution,
+                output_type="latent")
+    modes = ["eager"] + (["compiled"] if args.compile else [])
+    rows: list[Measurement] = []
+    errors: dict[str, str] = {}
+    progress = tqdm(total=len(args.backends) * len(modes) * len(VARIANTS), desc="speed",
+                    disable=args.no_progress)
+    for name in args.backends:
+        # One pipeline at a time: a fresh one per backend (its ID modules change the UNet).
+        setup = None
+        try:
+            setup = SETUPS[name](build(args.device, dtype), args.size == "real",
+                                 args.lora_rank, resolution)
+            measure_backend(name, setup, args, call, modes, progress, rows)
+        except Exception as exc:  # keep the other backends' numbers; report this one
+            traceback.print_exc()
+            errors[name] = f"{type(exc).__name__}: {exc}"
+        finally:
+            del setup
+            _free(args.device)
     progress.close()
-    latent = resolution // pipe.vae_scale_factor
+    latent = resolution // 8  # the SDXL VAE's scale factor, for the tiny VAE too
     return {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "size": args.size, "dtype": args.dtype, "steps": args.steps,
-        "resolution": resolution, "lora_rank": args.lora_rank,
+        "resolution": resolution, "lora_rank": args.lora_rank, "backends": list(args.backends),
         "idaf_ms": idaf_milliseconds(args.device, dtype, (1, 4, latent, latent), args.idaf_iterations),
         "measurements": [asdict(r) for r in rows],
+        "errors": errors,
     }
 
 
@@ -219,19 +464,22 @@ def to_markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}; torch {result['torch']}; {result['size']} size, "
              f"{result['dtype']}, {result['resolution']} px, {result['steps']} steps; "
              f"IdAF {result['idaf_ms']:.3f} ms per step.", "",
-             "| mode | variant | seconds | x stock | UNet seconds | non-UNet share | wrapper overhead | peak GiB | x stock memory | UNet rows |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    stock = {m["mode"]: m for m in result["measurements"] if m["variant"] == "stock"}
+             "| backend | mode | variant | seconds | x stock | UNet seconds | non-UNet share | wrapper overhead | peak GiB | x stock memory | UNet rows |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    stock = {(m["backend"], m["mode"]): m for m in result["measurements"]
+             if m["variant"] == "stock"}
     for m in result["measurements"]:
-        base = stock[m["mode"]]
+        base = stock[m["backend"], m["mode"]]
         memory = f"{m['peak_memory_gib']:.2f}" if m["peak_memory_gib"] is not None else "n/a"
         memory_ratio = (f"{m['peak_memory_gib'] / base['peak_memory_gib']:.2f}"
                         if m["peak_memory_gib"] and base["peak_memory_gib"] else "n/a")
         share = 1 - m["unet_seconds"] / m["seconds"]
-        lines.append(f"| {m['mode']} | {m['variant']} | {m['seconds']:.3f} | "
+        lines.append(f"| {m['backend']} | {m['mode']} | {m['variant']} | {m['seconds']:.3f} | "
                      f"{m['seconds'] / base['seconds']:.2f} | {m['unet_seconds']:.3f} | "
                      f"{share:.1%} | {wrapper_overhead(m, base):.1%} | {memory} | "
                      f"{memory_ratio} | {m['unet_rows']} |")
+    if result.get("errors"):
+        lines += ["", "Failed:"] + [f"- {name}: {error}" for name, error in result["errors"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--backends", type=parse_backends, default=["dreambooth"],
+                        help=f"comma-separated, from {','.join(BACKENDS)} (default dreambooth)")
+    parser.add_argument("--lora-rank", type=int, default=64,
+                        help="rank of the DreamBooth identity LoRA")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd UNet")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--idaf-iterations", type=int, default=200)
@@ -263,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "speed.md").write_text(table)
-    return 0
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import cli
+import pytest
+
+from benchmarks import cli, speed
+
+VARIANTS = {"stock", "wrapped (one call per step)", "wrapped (one call per line)"}
+
+
+def run_speed(tmp_path, *options: str) -> dict:
+    assert cli.main(["--speed", "--size", "tiny", "--device", "cpu", "--resolution", "64",
+                     "--repeats", "1", "--idaf-iterations", "5", "--no-progress",
+                     "--out", str(tmp_path), *options]) == 0
+    return json.loads((tmp_path / "speed.json").read_text())
 
 
 def test_speed_benchmark_on_the_tiny_pipeline(tmp_path, capsys):
-    assert cli.main(["--speed", "--size", "tiny", "--device", "cpu", "--steps", "6",
-                     "--resolution", "64", "--repeats", "1", "--idaf-iterations", "5",
-                     "--no-progress", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "speed.json").read_text())
+    result = run_speed(tmp_path, "--steps", "6")
+    assert result["backends"] == ["dreambooth"] and result["errors"] == {}
     variants = {m["variant"]: m for m in result["measurements"]}
-    assert set(variants) == {"stock", "wrapped (one call per step)", "wrapped (one call per line)"}
+    assert set(variants) == VARIANTS
+    assert {m["backend"] for m in result["measurements"]} == {"dreambooth"}
     m1 = round(0.2 * 6)
     assert variants["stock"]["unet_rows"] == 2 * 6
     assert variants["wrapped (one call per step)"]["unet_rows"] == 2 * 6 + 2 * (6 - m1 - 1)
@@ -21,4 +31,34 @@ def test_speed_benchmark_on_the_tiny_pipeline(tmp_path, capsys):
                for m in result["measurements"])
     assert result["idaf_ms"] > 0
     table = (tmp_path / "speed.md").read_text()
-    assert "| eager | stock |" in table and table in capsys.readouterr().out
+    assert "| dreambooth | eager | stock |" in table and table in capsys.readouterr().out
+
+
+def test_speed_benchmark_times_each_backend_against_its_own_baseline(tmp_path):
+    """Two backends with ID modules sized for the pipeline: every backend gets the three
+    variants, its baseline runs one line (two CFG rows per step) and the wrapped runs add
+    the ID line until the IdAF start."""
+    steps = 5
+    result = run_speed(tmp_path, "--steps", str(steps), "--backends", "ipadapter,pulid")
+    assert result["backends"] == ["ipadapter", "pulid"] and result["errors"] == {}
+    rows = {(m["backend"], m["variant"]): m for m in result["measurements"]}
+    assert set(rows) == {(backend, variant) for backend in ("ipadapter", "pulid")
+                         for variant in VARIANTS}
+    m1 = round(0.2 * steps)
+    for backend in ("ipadapter", "pulid"):
+        assert rows[backend, "stock"]["unet_rows"] == 2 * steps
+        for variant in VARIANTS - {"stock"}:
+            assert rows[backend, variant]["unet_rows"] == 2 * steps + 2 * (steps - m1 - 1)
+    assert all(m["mode"] == "eager" and m["seconds"] > 0 and 0 < m["unet_seconds"] <= m["seconds"]
+               for m in result["measurements"])
+    table = (tmp_path / "speed.md").read_text()
+    for backend in ("ipadapter", "pulid"):
+        assert f"| {backend} | eager | stock | " in table
+        assert f"| {backend} | eager | wrapped (one call per line) | " in table
+
+
+def test_an_unknown_backend_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        speed.build_parser().parse_args(["--backends", "ipadapter,faceswap"])
+    message = capsys.readouterr().err
+    assert "faceswap" in message and "photomaker" in message
