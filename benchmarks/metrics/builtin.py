@@ -173,42 +173,44 @@ def _image_batch(images: list, crop: int, resize: int, kind: str):
     return image_tensor(images, crop, resize, mean, std)
 
 
-class DinoMetric:
-    """DINO ViT-S/16 CLS-token cosine between the generated image and each reference photo."""
+class _ReferenceSimilarity:
+    """Mean cosine (percent) between the generated image's features and each reference
+    photo's; the references' features are computed once per identity."""
 
-    name = "dino"
     kind = "image"
-    columns = ("dino",)
-    labels = {"dino": "DINO"}
-    higher_is_better = {"dino": True}
 
     def __init__(self):
         self._references = _ReferenceCache()
 
-    def score(self, sample, context) -> dict[str, float | None]:
-        references = self._references.get(sample.identity,
-                                          lambda images: _dino_features(images, context.models))
-        (feature,) = _dino_features([sample.image], context.models)
-        return {"dino": mean_cosine_percent(feature, references)}
-
-
-class ClipImageMetric:
-    """CLIP-I: CLIP image-embedding cosine between the generated image and each reference."""
-
-    name = "clip_i"
-    kind = "image"
-    columns = ("clip_i",)
-    labels = {"clip_i": "CLIP-I"}
-    higher_is_better = {"clip_i": True}
-
-    def __init__(self):
-        self._references = _ReferenceCache()
+    @staticmethod
+    def extract(images: list, models) -> list[np.ndarray]:
+        raise NotImplementedError
 
     def score(self, sample, context) -> dict[str, float | None]:
         references = self._references.get(
-            sample.identity, lambda images: _clip_image_features(images, context.models))
-        (feature,) = _clip_image_features([sample.image], context.models)
-        return {"clip_i": mean_cosine_percent(feature, references)}
+            sample.identity, lambda images: self.extract(images, context.models))
+        (feature,) = self.extract([sample.image], context.models)
+        return {self.name: mean_cosine_percent(feature, references)}
+
+
+class DinoMetric(_ReferenceSimilarity):
+    """DINO ViT-S/16 CLS-token cosine between the generated image and each reference photo."""
+
+    name = "dino"
+    columns = ("dino",)
+    labels = {"dino": "DINO"}
+    higher_is_better = {"dino": True}
+    extract = staticmethod(_dino_features)
+
+
+class ClipImageMetric(_ReferenceSimilarity):
+    """CLIP-I: CLIP image-embedding cosine between the generated image and each reference."""
+
+    name = "clip_i"
+    columns = ("clip_i",)
+    labels = {"clip_i": "CLIP-I"}
+    higher_is_better = {"clip_i": True}
+    extract = staticmethod(_clip_image_features)
 
 
 class ClipTextMetric:
