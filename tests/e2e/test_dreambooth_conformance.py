@@ -5,6 +5,7 @@ from bf_core.testing import BackendConformance, add_tiny_lora, tiny_sdxl_pipelin
 
 class TestDreamBoothConformance(BackendConformance):
     backend_name = "dreambooth"
+    merges_lines = True
 
     def make_pipeline(self):
         pipe = tiny_sdxl_pipeline(seed=0)

@@ -81,6 +81,7 @@ def wrapped(pipe, **config):
 
 class TestInstantIDConformance(BackendConformance):
     backend_name = "instantid"
+    merges_lines = True
     steps, size = STEPS, SIZE
 
     @pytest.fixture(autouse=True)

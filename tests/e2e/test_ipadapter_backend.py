@@ -76,6 +76,7 @@ def model_card_face_crops(analyzer: FaceAnalyzer, photos) -> list[np.ndarray]:
 
 class _IPAdapterConformance(BackendConformance):
     backend_name = "ipadapter"
+    merges_lines = True
     variant = "plus-face"
 
     @pytest.fixture(autouse=True)

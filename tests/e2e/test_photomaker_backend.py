@@ -103,6 +103,7 @@ def official_reference(pipe, prompt, id_images, start_merge_step, num_images_per
 
 class TestPhotoMakerV2Conformance(BackendConformance):
     backend_name = "photomaker"
+    merges_lines = True
     prompt = PROMPT
     version = 2
 

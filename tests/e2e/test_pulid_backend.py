@@ -116,6 +116,7 @@ def identity_kwargs(images: int = 1):
 
 class TestPuLIDConformance(BackendConformance):
     backend_name = "pulid"
+    merges_lines = True
 
     def make_pipeline(self):
         return tiny_pipeline("v1.1")
