@@ -262,7 +262,10 @@ class PuLIDIDAttnProcessor(nn.Module):
         if id_embedding.ndim != 3 or id_embedding.shape[-1] != self.id_to_k.in_features:
             raise ValueError(f"id_embedding must have shape (batch, tokens, "
                              f"{self.id_to_k.in_features}), got {tuple(id_embedding.shape)}.")
-        if id_embedding.shape[0] not in (1, batch):
+        # Two comparisons, not `in (1, batch)`: torch.compile evaluates tuple membership of
+        # symbolic batch sizes wrongly (a graph with a dynamic batch raised here).
+        rows = id_embedding.shape[0]
+        if rows != 1 and rows != batch:
             raise ValueError(f"id_embedding has batch {id_embedding.shape[0]} but the UNet call "
                              f"has batch {batch}; pass one ID embedding per batch item (for "
                              f"classifier-free guidance [E_neg ; E] in the text batch's order) "

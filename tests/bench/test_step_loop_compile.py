@@ -1,0 +1,152 @@
+"""The step loop stays fast on a GPU: no graph break in a compiled UNet call, no recompiling
+from one call to the next, and nothing of ours reads a tensor value on the host while the
+loop runs (which on CUDA would wait for the device at every step).
+
+Each backend gets its ID modules at the tiny pipeline's size, as in the speed benchmark.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bf_backends
+import bf_core
+from benchmarks import speed
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+BACKENDS = ["dreambooth", "ipadapter", "photomaker", "instantid", "pulid"]
+PROJECT_FOLDERS = tuple(str(Path(module.__file__).parent) for module in (bf_core, bf_backends))
+TORCH_FOLDER = str(Path(torch.__file__).parent)
+
+
+def backend_setup(name: str) -> speed.BackendSetup:
+    setup = speed.SETUPS[name](speed.tiny_pipeline("cpu", torch.float32), False, 4, 64)
+    setup.pipe.set_progress_bar_config(disable=True)
+    return setup
+
+
+def generate(setup: speed.BackendSetup, name: str, steps: int = 6, **config):
+    wrapper = bf_core.wrap(setup.pipe, backend=name, config=bf_core.BFConfig(**config))
+    return wrapper(prompt=setup.prompt, num_inference_steps=steps, height=64, width=64,
+                   output_type="latent", generator=torch.Generator().manual_seed(0),
+                   **setup.identity)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_compiled_unet_runs_both_lines_in_one_graph_and_compiles_once(name):
+    """``fullgraph=True`` turns any graph break into an error. The "eager" compiler backend
+    traces exactly what inductor would receive, without spending minutes generating code."""
+    setup = backend_setup(name)
+    eager = generate(setup, name)
+    setup.pipe.unet = torch.compile(setup.pipe.unet, fullgraph=True, backend="eager")
+    counters.clear()
+    first = generate(setup, name)
+    assert first.diagnostics["unet_calls"] == 6  # both lines merged at every two-line step
+    assert counters["graph_break"] == {}
+    assert counters["stats"]["unique_graphs"] > 0  # the UNet really went through dynamo
+    torch.testing.assert_close(first.images, eager.images, rtol=0, atol=1e-5)
+    counters.clear()
+    again = generate(setup, name)
+    # Per-call state (row masks, hooks, ID tokens) must not invalidate the compiled graphs.
+    assert counters["stats"]["unique_graphs"] == 0, "the second call recompiled the UNet"
+    assert torch.equal(again.images, first.images)
+
+
+# Operations that read a tensor's value on the host: on CUDA each waits for the device.
+_HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
+               torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default,
+               torch.ops.aten.unique_consecutive.default}
+_MASK_INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                  torch.ops.aten.index_put_.default}
+
+
+def _reads_host(func, args) -> bool:
+    if func in _HOST_READS:
+        return True
+    if func in _MASK_INDEXING:  # x[mask] sizes its output by counting the mask on the host
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                   for i in args[1] if i is not None)
+    return False
+
+
+class HostReadRecorder(TorchDispatchMode):
+    """Records, for each host read our code (bf_core, bf_backends) asks for, how many UNet
+    calls had started and where. A read is ours when the innermost frame outside torch is
+    ours; reads inside diffusers (its scheduler's step, for one) are the stock pipeline's."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet_calls = 0
+        self.reads: list[tuple[int, str]] = []
+        self._hook = unet.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.unet_calls += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _reads_host(func, args):
+            frame = [frame for frame in traceback.extract_stack()
+                     if not frame.filename.startswith(TORCH_FOLDER) and frame.filename != __file__][-1]
+            if frame.filename.startswith(PROJECT_FOLDERS):
+                where = f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+                self.reads.append((self.unet_calls, where))
+        return func(*args, **(kwargs or {}))
+
+    def close(self):
+        self._hook.remove()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_step_loop_never_reads_tensor_values_on_the_host(name):
+    setup = backend_setup(name)
+    recorder = HostReadRecorder(setup.pipe.unet)
+    try:
+        with recorder:
+            out = generate(setup, name, steps=8)
+    finally:
+        recorder.close()
+    total = recorder.unet_calls
+    assert total == out.diagnostics["unet_calls"] == 8
+    # Between the first UNet call and the last, nothing of ours may wait for the device.
+    in_loop = [(call, where) for call, where in recorder.reads if 0 < call < total]
+    assert in_loop == [], f"host reads inside the step loop (UNet call index, site): {in_loop}"
+    # The recorder sees our reads: the NaN check on the final latents, once, after the loop.
+    after = [where for call, where in recorder.reads if call == total]
+    assert len(after) == 1 and "dli.py" in after[0], after
+
+
+def test_host_read_recorder_catches_a_read_planted_in_the_loop(monkeypatch):
+    import bf_core.dli
+
+    real_predict = bf_core.dli.predict
+
+    def predict_then_peek(*args, **kwargs):
+        predictions = real_predict(*args, **kwargs)
+        float(args[1][0].sample.flatten()[0])  # what a stray .item() in the loop would do
+        return predictions
+
+    monkeypatch.setattr(bf_core.dli, "predict", predict_then_peek)
+    setup = backend_setup("dreambooth")
+    recorder = HostReadRecorder(setup.pipe.unet)
+    try:
+        with recorder:
+            generate(setup, "dreambooth", steps=4)
+    finally:
+        recorder.close()
+    in_loop = [where for call, where in recorder.reads if 0 < call < recorder.unet_calls]
+    assert len(in_loop) == 3 and all("dli.py" in where for where in in_loop)
