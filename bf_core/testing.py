@@ -165,20 +165,19 @@ def _unpadded_attention(func: Any, args: tuple, kwargs: dict) -> tuple[torch.Ten
     return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
 
 
+# aten product -> its row-wise form; the "add" forms compute beta * bias + alpha * product.
+_PRODUCTS = {_ATEN.mm.default: _rowwise_mm, _ATEN.bmm.default: _rowwise_bmm}
+_ADDED_PRODUCTS = {_ATEN.addmm.default: _rowwise_mm, _ATEN.baddbmm.default: _rowwise_bmm}
+
+
 class _BatchInvariantKernels(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _ATEN.mm.default:
-            return _rowwise_mm(*args)
-        if func is _ATEN.addmm.default:
-            bias, rows, weight = args
-            return (_scaled(_rowwise_mm(rows, weight), kwargs.get("alpha", 1))
-                    + _scaled(bias, kwargs.get("beta", 1)))
-        if func is _ATEN.bmm.default:
-            return _rowwise_bmm(*args)
-        if func is _ATEN.baddbmm.default:
+        if func in _PRODUCTS:
+            return _PRODUCTS[func](*args)
+        if func in _ADDED_PRODUCTS:
             bias, left, right = args
-            return (_scaled(_rowwise_bmm(left, right), kwargs.get("alpha", 1))
+            return (_scaled(_ADDED_PRODUCTS[func](left, right), kwargs.get("alpha", 1))
                     + _scaled(bias, kwargs.get("beta", 1)))
         if func is _ATEN.convolution.default:
             # One image per call: the kernel (and its blocking) is the same in every batch.
