@@ -51,6 +51,7 @@ PROMPT = "a person is kneeling by a small lake, touching the water gently"
 ID_PROMPT = "a photo of sks person"
 BACKENDS = ("dreambooth", "ipadapter", "photomaker", "instantid", "pulid")
 VARIANTS = ("stock", "wrapped (one call per step)", "wrapped (one call per line)")
+MODES = ("eager", "compiled")
 
 # Real-size widths of the inputs the methods' own encoders would compute.
 CLIP_VIT_H_HIDDEN = 1280  # IP-Adapter plus-face reads CLIP ViT-H/14 hidden states ...
@@ -380,9 +381,9 @@ def _free(device: str) -> None:
 
 
 def measure_backend(name: str, setup: BackendSetup, args, call: dict, modes: list[str],
-                    progress, rows: list[Measurement]) -> None:
-    """Time the three variants of one backend in each mode, appending to ``rows`` as each
-    is measured (so a failure in a later mode keeps the earlier numbers)."""
+                    progress, record) -> None:
+    """Time the three variants of one backend in each mode, passing each measurement to
+    ``record`` as soon as it is taken (so a failure in a later mode keeps the earlier ones)."""
     import bf_core
 
     pipe = setup.pipe
@@ -413,11 +414,22 @@ def measure_backend(name: str, setup: BackendSetup, args, call: dict, modes: lis
             run()  # warm-up (and compilation)
             seconds, unet_seconds, peak, output = time_call(run, args.device, pipe.unet, args.repeats)
             unet_rows = getattr(output, "diagnostics", {}).get("unet_rows", 2 * args.steps)
-            rows.append(Measurement(name, mode, variant, seconds, unet_seconds, peak, unet_rows))
+            record(Measurement(name, mode, variant, seconds, unet_seconds, peak, unet_rows))
             progress.update()
 
 
-def measure(args) -> dict:
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown or text!r}; pick from "
+                                         f"{','.join(MODES)}")
+    return modes
+
+
+def measure(args, save=None) -> dict:
+    """Time every backend of ``args``; ``save(result)`` is called after each measurement, so
+    a run stopped part-way (a time limit on a lent GPU) keeps what it measured."""
     from tqdm.auto import tqdm
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
@@ -425,9 +437,24 @@ def measure(args) -> dict:
     resolution = args.resolution or (1024 if args.size == "real" else 128)
     call = dict(num_inference_steps=args.steps, height=resolution, width=resolution,
                 output_type="latent")
-    modes = ["eager"] + (["compiled"] if args.compile else [])
-    rows: list[Measurement] = []
-    errors: dict[str, str] = {}
+    modes = list(args.modes) + (["compiled"] if args.compile and "compiled" not in args.modes else [])
+    latent = resolution // 8  # the SDXL VAE's scale factor, for the tiny VAE too
+    result = {
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__, "size": args.size, "dtype": args.dtype, "steps": args.steps,
+        "resolution": resolution, "lora_rank": args.lora_rank, "backends": list(args.backends),
+        "modes": modes,
+        "idaf_ms": idaf_milliseconds(args.device, dtype, (1, 4, latent, latent), args.idaf_iterations),
+        "measurements": [],
+        "errors": {},
+    }
+
+    def record(measurement: Measurement | None = None) -> None:
+        if measurement is not None:
+            result["measurements"].append(asdict(measurement))
+        if save is not None:
+            save(result)
+
     progress = tqdm(total=len(args.backends) * len(modes) * len(VARIANTS), desc="speed",
                     disable=args.no_progress)
     for name in args.backends:
@@ -436,23 +463,16 @@ def measure(args) -> dict:
         try:
             setup = SETUPS[name](build(args.device, dtype), args.size == "real",
                                  args.lora_rank, resolution)
-            measure_backend(name, setup, args, call, modes, progress, rows)
+            measure_backend(name, setup, args, call, modes, progress, record)
         except Exception as exc:  # keep the other backends' numbers; report this one
             traceback.print_exc()
-            errors[name] = f"{type(exc).__name__}: {exc}"
+            result["errors"][name] = f"{type(exc).__name__}: {exc}"
+            record()
         finally:
             del setup
             _free(args.device)
     progress.close()
-    latent = resolution // 8  # the SDXL VAE's scale factor, for the tiny VAE too
-    return {
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "size": args.size, "dtype": args.dtype, "steps": args.steps,
-        "resolution": resolution, "lora_rank": args.lora_rank, "backends": list(args.backends),
-        "idaf_ms": idaf_milliseconds(args.device, dtype, (1, 4, latent, latent), args.idaf_iterations),
-        "measurements": [asdict(r) for r in rows],
-        "errors": errors,
-    }
+    return result
 
 
 def wrapper_overhead(measurement: dict, stock: dict) -> float:
@@ -497,7 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated, from {','.join(BACKENDS)} (default dreambooth)")
     parser.add_argument("--lora-rank", type=int, default=64,
                         help="rank of the DreamBooth identity LoRA")
-    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd UNet")
+    parser.add_argument("--modes", type=parse_modes, default=["eager"],
+                        help="comma-separated, from eager,compiled (default eager)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time a torch.compile'd UNet (adds 'compiled' to --modes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--idaf-iterations", type=int, default=200)
     parser.add_argument("--out", default=None, help="folder for speed.json and speed.md")
@@ -509,14 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dtype is None:
         args.dtype = "float16" if args.device.startswith("cuda") else "float32"
-    result = measure(args)
-    table = to_markdown(result)
-    print(table)
+    save = None
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "speed.md").write_text(table)
+
+        def save(result: dict) -> None:
+            (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+            (out / "speed.md").write_text(to_markdown(result))
+
+    result = measure(args, save)
+    print(to_markdown(result))
     return 1 if result["errors"] else 0
 
 

@@ -62,3 +62,36 @@ def test_an_unknown_backend_is_refused_with_the_choices(capsys):
         speed.build_parser().parse_args(["--backends", "ipadapter,faceswap"])
     message = capsys.readouterr().err
     assert "faceswap" in message and "photomaker" in message
+
+
+def test_an_unknown_mode_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        speed.build_parser().parse_args(["--modes", "eager,jit"])
+    assert "eager,compiled" in capsys.readouterr().err
+
+
+def test_results_are_saved_after_each_measurement(tmp_path, monkeypatch):
+    """A run stopped part-way (a time limit on a lent GPU) keeps what it had measured: here
+    the second backend's set-up dies and the first one's numbers are already on disk."""
+    saved: list[int] = []
+    real_measure = speed.measure
+
+    def measure_and_watch(args, save=None):
+        def watching(result):
+            save(result)
+            saved.append(len(json.loads((tmp_path / "speed.json").read_text())["measurements"]))
+        return real_measure(args, watching)
+
+    def broken_setup(*args, **kwargs):
+        raise RuntimeError("out of memory while building the ID modules")
+
+    monkeypatch.setattr(speed, "measure", measure_and_watch)
+    monkeypatch.setitem(speed.SETUPS, "pulid", broken_setup)
+    assert speed.main(["--size", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "4",
+                       "--repeats", "1", "--idaf-iterations", "5", "--no-progress",
+                       "--backends", "dreambooth,pulid", "--out", str(tmp_path)]) == 1
+    assert saved == [1, 2, 3, 3]  # one save per measurement, then one for the failure
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert [m["backend"] for m in result["measurements"]] == ["dreambooth"] * 3
+    assert "out of memory" in result["errors"]["pulid"]
+    assert "- pulid: RuntimeError: out of memory" in (tmp_path / "speed.md").read_text()
