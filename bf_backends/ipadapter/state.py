@@ -350,7 +350,7 @@ class IPAdapterSwitches:
         ``disable_adapters`` also switches off the user's own LoRAs on the same layers; a
         zero ``scaling`` still computes the branch and adds ``0 * x``, which is not the
         identity for infinities or NaNs; ``cross_attention_kwargs={"scale": 0}`` scales
-        every LoRA and resets custom weights afterwards (diffusers-sdxl.md 3.7).
+        every LoRA and resets custom weights afterwards.
         """
         for layer in self.faceid_layers:
             merged = [name for name in getattr(layer, "merged_adapters", []) if _is_faceid_adapter(name)]

@@ -7,7 +7,7 @@ processors hand every call to the processors they replaced, so the pipeline's ow
 ``pipe(...)`` still draws plain SDXL, and ``pipe(..., cross_attention_kwargs={"id_embedding":
 [E_neg ; E], "id_scale": s})`` is the official PuLID v1 call.
 
-Lines (pulid.md 4.3):
+Lines (docs/backends/pulid.md):
 - ID line: ID attention on with E (E_neg on the negative branch), prompt ``P_id``;
 - semantic line: ID attention off (each processor calls the one it replaced: base SDXL,
   with the user's LoRA and attention processors as they are); ``semantic_adapters="on"``

@@ -1,6 +1,6 @@
 """PuLID's face features: reference photo -> ``id_cond`` (N, 1280) and five EVA hidden states.
 
-Per reference image (pulid.md 1.3-1.6):
+Per reference image:
 
 1. insightface ``antelopev2``: detect, choose the largest face, take its **raw** 512-d
    ArcFace ``embedding`` (not the normalised one);

@@ -72,7 +72,7 @@ def guidance_off_sequence(positive: torch.Tensor, negative: torch.Tensor,
 
     What the official v1 processors attend to at guidance 1.0: the diffusers pipeline
     turns CFG off (UNet batch 1) while the ID tensor keeps batch 2, and the processors'
-    reshape by the text batch concatenates both halves into one sequence (pulid.md 4.1).
+    reshape by the text batch concatenates both halves into one sequence.
     Used with ``num_zero = 0`` it reproduces that call exactly. The official code splits
     the sequence across samples when it makes several images at once; we give every
     sample the whole sequence.

@@ -35,7 +35,7 @@ from bf_core.errors import CheckpointError
 ENCODER_PREFIX = "id_adapter"
 ATTENTION_PREFIX = "id_adapter_attn_layers"
 VERSIONS = ("v1", "v1.1")
-# Keys that only one version's encoder has (pulid.md 2.1).
+# Keys that only one version's encoder has.
 _V1_MARKER = "body.0.weight"
 _V11_MARKER = "latents"
 

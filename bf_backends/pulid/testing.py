@@ -194,7 +194,7 @@ def tiny_pipeline(version: str = "v1.1", seed: int = 0, *, mode: str = "fidelity
     """The tiny SDXL pipeline with PuLID ``version`` attached, as the official v1 runs it.
 
     Scheduler: DPM-Solver++ with trailing spacing and ``final_sigmas_type="sigma_min"``
-    (pulid.md 1.1). Checkpoint: random, official layout, float32. ``features`` defaults to
+    (docs/backends/pulid.md). Checkpoint: random, official layout, float32. ``features`` defaults to
     :func:`tiny_face_features`; ``mode`` / ``id_scale`` are the attached defaults.
     """
     from bf_backends.pulid.backend import attach_pulid, lightning_scheduler

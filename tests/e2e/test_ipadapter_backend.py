@@ -139,7 +139,7 @@ class TestFaceIDPlusV2(_IPAdapterConformance):
 
 
 # ---------------------------------------------------------------------------------------
-# Must show: lines, scales, several images, named errors
+# Lines, scales, several images, named errors
 # ---------------------------------------------------------------------------------------
 
 def call_kwargs(seed: int = 0, **overrides):

@@ -1,7 +1,7 @@
 """The PhotoMaker backend end to end on tiny random weights (V1 and V2), offline.
 
 The baseline (method off) is compared with a reference of the official algorithm written
-here from the spec (photomaker.md 3.2 to 3.5 and the parity recipe of 5.8): a plain SDXL
+here from its description (docs/backends/photomaker.md): a plain SDXL
 pipeline called with the text-only embeddings and a step callback that swaps in the
 ID-fused prompt after ``start_merge_step``.
 """
@@ -123,7 +123,7 @@ class TestPhotoMakerV1Conformance(TestPhotoMakerV2Conformance):
 
 
 # --------------------------------------------------------------------------------------
-# Must show
+# Lines, LoRA switching, named errors
 # --------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,8 @@
-"""PuLID backend end to end on the tiny pipeline: conformance kit and the issue's "Must show".
+"""PuLID backend end to end on the tiny pipeline: conformance kit, baseline parity, ID state.
 
-The reference for the baseline is the official v1 call written from the spec (pulid.md
-4.1): the stock diffusers pipeline with ``cross_attention_kwargs={"id_embedding":
+The reference for the baseline is the official v1 call (docs/backends/pulid.md): the stock diffusers pipeline with ``cross_attention_kwargs={"id_embedding":
 [E_neg ; E], "id_scale": s}``, a text-encoded negative prompt, and E / E_neg computed here
-step by step from the spec (largest face, FFHQ alignment, parsing, whitened grey crop,
+step by step as the official code does (largest face, FFHQ alignment, parsing, whitened grey crop,
 bicubic without antialias, CLIP normalisation, hidden states of blocks 3/7/11/15/19).
 """
 
@@ -34,7 +33,7 @@ STEPS, SIZE = 4, 64  # SDXL-Lightning's 4 steps
 # ------------------------------------------------------------------ the spec's reference
 
 def _spec_features(pipe, image) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """id_cond (1, 512 + E) and five hidden states, following pulid.md 1.3-1.6 literally."""
+    """id_cond (1, 512 + E) and five hidden states, following the official face pipeline literally."""
     import cv2
 
     extractor = pipe.pulid.features

@@ -108,7 +108,7 @@ def test_draw_kps_rejects_wrong_keypoint_shape():
 
 
 def _opencv_drawing(cv2, size, kps):
-    """The spec's drawing steps (1.2) done with OpenCV itself, for parity."""
+    """The official keypoint drawing steps done with OpenCV itself, for parity."""
     width, height = size
     canvas = np.zeros((height, width, 3))
     for first, second in kp.LIMBS:

@@ -38,7 +38,7 @@ from bf_backends.pulid.features import (  # noqa: E402
     whitened_grey_face,
 )
 
-# The spec's rename table between the original EVA-CLIP keys and timm's (pulid.md 1.5).
+# The spec's rename table between the original EVA-CLIP keys and timm's (docs/backends/pulid.md).
 TIMM_TO_ORIGINAL = (("attn.norm.", "attn.inner_attn_ln."), ("mlp.norm.", "mlp.ffn_ln."),
                     ("mlp.fc1_g.", "mlp.w1."), ("mlp.fc1_x.", "mlp.w2."), ("mlp.fc2.", "mlp.w3."),
                     ("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias"))

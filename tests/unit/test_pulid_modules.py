@@ -93,7 +93,7 @@ def _tiny_features(version: str, batch: int = 1, images: int = 1, seed: int = 5)
 
 def _reference_id_attention(attn: Attention, processor: PuLIDIDAttnProcessor, h, c, e,
                             config: PuLIDAttentionConfig) -> torch.Tensor:
-    """pulid.md 3.2-3.4 in float64, with the Z zero tokens as attention sinks of logit 0."""
+    """PuLID's ID attention (docs/backends/pulid.md) in float64, with the Z zero tokens as attention sinks of logit 0."""
     d = lambda t: t.detach().double()  # noqa: E731
     heads, (batch, n, width) = attn.heads, h.shape
     head_dim = width // heads
