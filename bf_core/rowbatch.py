@@ -129,22 +129,39 @@ def _active_up_projections(layers: Iterable[torch.nn.Module],
             if name in layer.lora_B and (wanted is None or name in wanted)]
 
 
-@contextmanager
-def lora_rows_of_layers(layers: Sequence[torch.nn.Module], enabled_rows: torch.Tensor,
-                        adapter_names: Iterable[str] | None = None) -> Iterator[None]:
-    """LoRA on for the rows where ``enabled_rows`` is 1 and off where it is 0, in one call.
+class RowMaskedLoRA:
+    """Named LoRA adapters of some PEFT layers, switched per row at many UNet calls.
 
-    A forward hook on each active LoRA up-projection multiplies its output by the row mask,
-    so an off row adds exactly zero to the base layer's output. Hooks are removed on exit.
+    A forward hook on each active LoRA up-projection multiplies its output by the row mask
+    of the current ``rows`` block, so an off row adds exactly zero to the base layer's
+    output. The hooks are installed at the first ``rows`` and stay until ``close`` (a
+    session closes it when the call ends); outside a ``rows`` block they pass outputs
+    through untouched. Registering and removing hundreds of hooks at every step would cost
+    milliseconds of Python per step at SDXL size.
     """
-    handles = [up.register_forward_hook(
-        lambda module, args, output: output * _per_row(enabled_rows, output))
-        for up in _active_up_projections(layers, adapter_names)]
-    try:
-        yield
-    finally:
-        for handle in handles:
+
+    def __init__(self, layers: Sequence[torch.nn.Module], adapter_names: Iterable[str] | None = None):
+        self.layers = list(layers)
+        self.adapter_names = None if adapter_names is None else list(adapter_names)
+        self._hooks: list | None = None
+        self._mask: torch.Tensor | None = None
+
+    @contextmanager
+    def rows(self, enabled_rows: torch.Tensor) -> Iterator[None]:
+        """LoRA on for the rows where ``enabled_rows`` (R,) is 1 and off where it is 0."""
+        if self._hooks is None:
+            self._hooks = row_masked_hooks(self.layers, self.adapter_names, lambda: self._mask)
+        self._mask = enabled_rows
+        try:
+            yield
+        finally:
+            self._mask = None
+
+    def close(self) -> None:
+        """Remove the hooks, if any were installed."""
+        for handle in self._hooks or ():
             handle.remove()
+        self._hooks, self._mask = None, None
 
 
 def row_masked_hooks(layers: Sequence[torch.nn.Module], adapter_names: Iterable[str] | None,
@@ -162,8 +179,8 @@ def row_masked_hooks(layers: Sequence[torch.nn.Module], adapter_names: Iterable[
 @contextmanager
 def lora_rows(modules: Iterable[torch.nn.Module | None], enabled_rows: torch.Tensor,
               adapter_names: Iterable[str] | None = None) -> Iterator[None]:
-    """``lora_rows_of_layers`` for every PEFT layer in ``modules`` (found now; a session
-    that switches at every step keeps a ``bf_core.switching.AdapterSwitch`` instead)."""
+    """``RowMaskedLoRA.rows`` for every PEFT layer in ``modules``, found now and unhooked on
+    exit (a session that switches at every step keeps an ``AdapterSwitch`` instead)."""
     from bf_core.switching import AdapterSwitch
 
     switch = AdapterSwitch(modules, adapter_names)

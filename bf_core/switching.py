@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
 from bf_core.errors import ConfigError
+
+if TYPE_CHECKING:  # rowbatch imports this module; the class is only needed at run time
+    from bf_core.rowbatch import RowMaskedLoRA
 
 
 def peft_tuner_layers(module: torch.nn.Module | None) -> list[tuple[str, torch.nn.Module]]:
@@ -59,8 +63,7 @@ class AdapterSwitch:
         # up-projection instead, so ``rows`` also covers layers shared with other adapters.
         self.layers = _selected_layers(modules, self.adapter_names)
         self.all_layers = _selected_layers(modules, None)
-        self._row_hooks: list | None = None
-        self._row_mask: torch.Tensor | None = None
+        self._row_masked: RowMaskedLoRA | None = None
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -103,22 +106,18 @@ class AdapterSwitch:
         session closes its switches when the call ends); between uses they pass outputs
         through untouched, so a step costs no hook registration.
         """
-        if self._row_hooks is None:
-            from bf_core.rowbatch import row_masked_hooks
+        if self._row_masked is None:
+            from bf_core.rowbatch import RowMaskedLoRA
 
-            self._row_hooks = row_masked_hooks([layer for _, layer in self.all_layers],
-                                               self.adapter_names, lambda: self._row_mask)
-        self._row_mask = enabled_rows
-        try:
+            self._row_masked = RowMaskedLoRA([layer for _, layer in self.all_layers],
+                                             self.adapter_names)
+        with self._row_masked.rows(enabled_rows):
             yield
-        finally:
-            self._row_mask = None
 
     def close(self) -> None:
         """Remove the per-row hooks, if any were installed."""
-        for handle in self._row_hooks or ():
-            handle.remove()
-        self._row_hooks, self._row_mask = None, None
+        if self._row_masked is not None:
+            self._row_masked.close()
 
 
 def adapters_disabled(modules: Iterable[torch.nn.Module | None],

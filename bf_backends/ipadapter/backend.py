@@ -20,7 +20,7 @@ Lines (decisions in ``docs/backends/ip-adapter.md``):
 Both lines in one UNet call (``BFConfig.batch_lines``): the semantic rows' projected image
 tokens are zeroed by a hook on ``unet.encoder_hid_proj`` (zero tokens through bias-free
 IP key/value projections give an exactly zero IP output, as scale 0 does) and the FaceID
-LoRA is masked per row (``bf_core.rowbatch.lora_rows_of_layers``); per-call tensors (image embeds,
+LoRA is masked per row (``bf_core.rowbatch.RowMaskedLoRA``); per-call tensors (image embeds,
 FaceID-Plus ``clip_embeds``) are cut per part and concatenated. Where that is not exact
 (fused FaceID LoRA, biased IP projections, per-row IP masks) the loop makes one call per line.
 
@@ -54,7 +54,7 @@ from bf_backends.ipadapter.state import (
 )
 from bf_core.errors import CheckpointError, ConfigError, UnsupportedPipelineError
 from bf_core.protocols import GenerationRequest, Identity, Line, RowBatch
-from bf_core.rowbatch import lora_layer_row_maskable, lora_rows_of_layers, row_mask
+from bf_core.rowbatch import RowMaskedLoRA, lora_layer_row_maskable, row_mask
 from bf_core.sdxl import SDXLSession, has_ip_adapter, is_sdxl_pipeline
 
 DEFAULT_FACE_MODEL = "buffalo_l"  # the pack the FaceID model cards use
@@ -157,6 +157,7 @@ class IPAdapterSession(SDXLSession):
         self.encoder = IPAdapterIdentityEncoder(self)
         self.image_embeds: list[torch.Tensor] = []
         self.switches: IPAdapterSwitches | None = None
+        self._faceid_row_mask: RowMaskedLoRA | None = None
 
     # -- state -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -267,11 +268,13 @@ class IPAdapterSession(SDXLSession):
             yield  # every row runs the same model
             return
         identity_rows = row_mask(batch, (Line.ID, Line.BASELINE))
-        # By layer and adapter name: a layer that also carries the caller's own LoRA (a style
-        # LoRA on the same attention projections) masks only its FaceID up-projection.
-        faceid_lora = lora_rows_of_layers(self.switches.faceid_layers, identity_rows,
-                                          adapter_names=faceid_adapter_names(self.pipe))
-        with self.switches.ip_tokens_rows(identity_rows), faceid_lora:
+        if self._faceid_row_mask is None:  # hooked once per call, unhooked when it ends
+            # By layer and adapter name: a layer that also carries the caller's own LoRA (a
+            # style LoRA on the same projections) masks only its FaceID up-projection.
+            self._faceid_row_mask = RowMaskedLoRA(self.switches.faceid_layers,
+                                                  faceid_adapter_names(self.pipe))
+            self.restore_stack.callback(self._faceid_row_mask.close)
+        with self.switches.ip_tokens_rows(identity_rows), self._faceid_row_mask.rows(identity_rows):
             yield
 
     # -- the UNet call -----------------------------------------------------------------------

@@ -48,7 +48,7 @@ from bf_backends.photomaker.prompt import (
 )
 from bf_core.errors import ConfigError, ImageInputError
 from bf_core.protocols import GenerationRequest, Identity, Line, LineConditioning, RowBatch
-from bf_core.rowbatch import lora_layer_row_maskable, lora_rows_of_layers, row_mask
+from bf_core.rowbatch import RowMaskedLoRA, lora_layer_row_maskable, row_mask
 from bf_core.sdxl import SDXLSession, encode_line_text, has_ip_adapter, is_sdxl_pipeline
 from bf_core.switching import AdapterSwitch, peft_tuner_layers
 
@@ -267,6 +267,7 @@ class PhotoMakerSession(SDXLSession):
         self._text_only: LineConditioning | None = None
         self._lora_layers: list[torch.nn.Module] | None = None
         self._adapter_switch: AdapterSwitch | None = None
+        self._lora_row_mask: RowMaskedLoRA | None = None
         self._lora_rows_switchable: bool | None = None
 
     def _start_merge_step(self) -> int:
@@ -453,9 +454,11 @@ class PhotoMakerSession(SDXLSession):
         if not self._semantic_lora_off:
             yield  # every row runs the same model
             return
-        id_rows = row_mask(batch, (Line.ID,))
-        with lora_rows_of_layers(self.photomaker_lora_layers(), id_rows,
-                                 adapter_names=[self.host.adapter_name]):
+        if self._lora_row_mask is None:  # hooked once per call, unhooked when it ends
+            self._lora_row_mask = RowMaskedLoRA(self.photomaker_lora_layers(),
+                                                [self.host.adapter_name])
+            self.restore_stack.callback(self._lora_row_mask.close)
+        with self._lora_row_mask.rows(row_mask(batch, (Line.ID,))):
             yield
 
     def negative_shareable(self) -> bool:

@@ -182,3 +182,26 @@ def test_state_restored_after_a_failure_inside_the_merged_call(analyzer):
     assert pipeline_fingerprint(pipe) == before
     again = bf(**call_kwargs(2), **identity_kwargs("faceid-plusv2", analyzer)).images
     assert np.isfinite(again.numpy()).all()
+
+
+def test_faceid_row_mask_hooks_are_installed_once_per_call(analyzer, monkeypatch):
+    """Registering a hook on every FaceID up-projection at every step would cost
+    milliseconds of Python per step at SDXL size: they go on once and come off at the end."""
+    pipe = testing.tiny_pipeline("faceid")
+    up_projections = [layer.lora_B[name] for layer in faceid_lora_layers(pipe.unet)
+                      for name in layer.active_adapters if name in layer.lora_B]
+    registered = []
+    real_register = torch.nn.Module.register_forward_hook
+
+    def counting(module, *args, **kwargs):
+        registered.append(module)
+        return real_register(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", counting)
+    out = bf_core.wrap(pipe)(**call_kwargs(8), **identity_kwargs("faceid", analyzer))
+    monkeypatch.undo()
+    assert out.diagnostics["unet_calls"] == 8  # merged steps did run
+    up_ids = {id(p) for p in up_projections}
+    on_up = [id(m) for m in registered if id(m) in up_ids]
+    assert up_ids and sorted(on_up) == sorted(up_ids)  # each hooked exactly once
+    assert all(not p._forward_hooks for p in up_projections)  # removed when the call ended

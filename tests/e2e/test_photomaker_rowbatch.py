@@ -199,3 +199,26 @@ def test_row_masks_are_removed_after_an_exception_inside_a_merged_call():
     assert all(not up._forward_hooks for up in ups)
     assert all(not layer._disable_adapters for layer in pipe.unet.modules()
                if hasattr(layer, "_disable_adapters"))
+
+
+def test_lora_row_mask_hooks_are_installed_once_per_call(monkeypatch):
+    """One hook per PhotoMaker up-projection for the whole call, not one per step."""
+    pipe = tiny_pipeline(version=1, face_analyzer=None)
+    registered = []
+    real_register = torch.nn.Module.register_forward_hook
+
+    def counting(module, *args, **kwargs):
+        registered.append(module)
+        return real_register(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", counting)
+    out = loop_call(pipe, True)
+    monkeypatch.undo()
+    assert out.diagnostics["unet_calls"] == STEPS  # merged steps did run
+    up_projections = {id(m) for m in pipe.unet.modules() if type(m).__name__ == "Linear"
+                      and any(m is layer.lora_B[name] for layer in pipe.unet.modules()
+                              if hasattr(layer, "lora_B") for name in layer.lora_B)}
+    on_up = [id(m) for m in registered if id(m) in up_projections]
+    assert up_projections and sorted(on_up) == sorted(up_projections)  # each hooked exactly once
+    assert not any(pipe.unet.get_submodule(n)._forward_hooks for n, _ in pipe.unet.named_modules()
+                   if n)  # removed when the call ended
