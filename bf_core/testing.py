@@ -36,6 +36,7 @@ __all__ = [
     "BackendConformance",
     "add_tiny_lora",
     "batch_invariant_kernels",
+    "forward_hooks_registered",
     "make_scheduler",
     "pipeline_fingerprint",
     "tiny_sdxl_pipeline",
@@ -201,6 +202,28 @@ def batch_invariant_kernels() -> Iterator[None]:
     """
     with _BatchInvariantKernels():
         yield
+
+
+@contextlib.contextmanager
+def forward_hooks_registered() -> Iterator[list[torch.nn.Module]]:
+    """Collect every module a forward hook is registered on inside the block, in order.
+
+    For checking per-step costs: a switch that hooks hundreds of layers must do it once per
+    call, not at every step. (transformers hooks its encoders the first time they run;
+    filter the list to the modules you care about.)
+    """
+    registered: list[torch.nn.Module] = []
+    register = torch.nn.Module.register_forward_hook
+
+    def recording(module, *args, **kwargs):
+        registered.append(module)
+        return register(module, *args, **kwargs)
+
+    torch.nn.Module.register_forward_hook = recording
+    try:
+        yield registered
+    finally:
+        torch.nn.Module.register_forward_hook = register
 
 
 class _Abort(RuntimeError):

@@ -24,7 +24,12 @@ from bf_backends.ipadapter.state import (  # noqa: E402
 )
 from bf_core.faces import FaceAnalyzer  # noqa: E402
 from bf_core.protocols import Line  # noqa: E402
-from bf_core.testing import add_tiny_lora, batch_invariant_kernels, pipeline_fingerprint  # noqa: E402
+from bf_core.testing import (  # noqa: E402
+    add_tiny_lora,
+    batch_invariant_kernels,
+    forward_hooks_registered,
+    pipeline_fingerprint,
+)
 from bf_core.testing_faces import make_random_insightface_pack  # noqa: E402
 
 # The random detector finds several faces in a random photo; the policy picks one.
@@ -184,22 +189,14 @@ def test_state_restored_after_a_failure_inside_the_merged_call(analyzer):
     assert np.isfinite(again.numpy()).all()
 
 
-def test_faceid_row_mask_hooks_are_installed_once_per_call(analyzer, monkeypatch):
+def test_faceid_row_mask_hooks_are_installed_once_per_call(analyzer):
     """Registering a hook on every FaceID up-projection at every step would cost
     milliseconds of Python per step at SDXL size: they go on once and come off at the end."""
     pipe = testing.tiny_pipeline("faceid")
     up_projections = [layer.lora_B[name] for layer in faceid_lora_layers(pipe.unet)
                       for name in layer.active_adapters if name in layer.lora_B]
-    registered = []
-    real_register = torch.nn.Module.register_forward_hook
-
-    def counting(module, *args, **kwargs):
-        registered.append(module)
-        return real_register(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", counting)
-    out = bf_core.wrap(pipe)(**call_kwargs(8), **identity_kwargs("faceid", analyzer))
-    monkeypatch.undo()
+    with forward_hooks_registered() as registered:
+        out = bf_core.wrap(pipe)(**call_kwargs(8), **identity_kwargs("faceid", analyzer))
     assert out.diagnostics["unet_calls"] == 8  # merged steps did run
     up_ids = {id(p) for p in up_projections}
     on_up = [id(m) for m in registered if id(m) in up_ids]

@@ -15,7 +15,7 @@ from bf_core.errors import ConfigError
 from bf_core.protocols import GenerationRequest, Line, RowBatch
 from bf_core.rowbatch import lora_up_projections, merge_row_batches
 from bf_core.switching import adapters_disabled
-from bf_core.testing import add_tiny_lora, batch_invariant_kernels
+from bf_core.testing import add_tiny_lora, batch_invariant_kernels, forward_hooks_registered
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -201,19 +201,11 @@ def test_row_masks_are_removed_after_an_exception_inside_a_merged_call():
                if hasattr(layer, "_disable_adapters"))
 
 
-def test_lora_row_mask_hooks_are_installed_once_per_call(monkeypatch):
+def test_lora_row_mask_hooks_are_installed_once_per_call():
     """One hook per PhotoMaker up-projection for the whole call, not one per step."""
     pipe = tiny_pipeline(version=1, face_analyzer=None)
-    registered = []
-    real_register = torch.nn.Module.register_forward_hook
-
-    def counting(module, *args, **kwargs):
-        registered.append(module)
-        return real_register(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", counting)
-    out = loop_call(pipe, True)
-    monkeypatch.undo()
+    with forward_hooks_registered() as registered:
+        out = loop_call(pipe, True)
     assert out.diagnostics["unet_calls"] == STEPS  # merged steps did run
     up_projections = {id(m) for m in pipe.unet.modules() if type(m).__name__ == "Linear"
                       and any(m is layer.lora_B[name] for layer in pipe.unet.modules()
