@@ -145,17 +145,28 @@ class RowMaskedLoRA:
         self.adapter_names = None if adapter_names is None else list(adapter_names)
         self._hooks: list | None = None
         self._mask: torch.Tensor | None = None
+        # The mask reshaped per output layout, made once per block, not once per layer.
+        self._shaped: dict[tuple, torch.Tensor] = {}
 
     @contextmanager
     def rows(self, enabled_rows: torch.Tensor) -> Iterator[None]:
         """LoRA on for the rows where ``enabled_rows`` (R,) is 1 and off where it is 0."""
         if self._hooks is None:
-            self._hooks = row_masked_hooks(self.layers, self.adapter_names, lambda: self._mask)
-        self._mask = enabled_rows
+            self._hooks = row_masked_hooks(self.layers, self.adapter_names, self._mask_for)
+        self._mask, self._shaped = enabled_rows, {}
         try:
             yield
         finally:
-            self._mask = None
+            self._mask, self._shaped = None, {}
+
+    def _mask_for(self, output: torch.Tensor) -> torch.Tensor | None:
+        if self._mask is None:
+            return None
+        layout = (output.shape[0], output.ndim, output.dtype)
+        shaped = self._shaped.get(layout)
+        if shaped is None:
+            shaped = self._shaped[layout] = _per_row(self._mask, output)
+        return shaped
 
     def close(self) -> None:
         """Remove the hooks, if any were installed."""
@@ -165,12 +176,12 @@ class RowMaskedLoRA:
 
 
 def row_masked_hooks(layers: Sequence[torch.nn.Module], adapter_names: Iterable[str] | None,
-                     current_mask) -> list:
-    """Hooks on the active LoRA up-projections of ``layers`` that scale each output by the
-    row mask ``current_mask()`` returns, or leave it untouched when that is None."""
+                     mask_for) -> list:
+    """Hooks on the active LoRA up-projections of ``layers`` that multiply each output by
+    ``mask_for(output)`` (the row mask shaped for it), or leave it untouched when that is None."""
     def scale(module, args, output):
-        mask = current_mask()
-        return None if mask is None else output * _per_row(mask, output)
+        mask = mask_for(output)
+        return None if mask is None else output * mask
 
     return [up.register_forward_hook(scale)
             for up in _active_up_projections(layers, adapter_names)]
