@@ -64,6 +64,7 @@ class AdapterSwitch:
         self.layers = _selected_layers(modules, self.adapter_names)
         self.all_layers = _selected_layers(modules, None)
         self._row_masked: RowMaskedLoRA | None = None
+        self._row_maskable: bool | None = None
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -91,12 +92,18 @@ class AdapterSwitch:
 
     @property
     def row_maskable(self) -> bool:
-        """True when every covered layer is a plain, unmerged LoRA a row mask can switch."""
-        from bf_core.rowbatch import lora_layer_row_maskable
+        """True when every covered layer is a plain, unmerged LoRA a row mask can switch.
 
-        return all(lora_layer_row_maskable(layer) for _, layer in self.all_layers
-                   if self.adapter_names is None
-                   or set(_adapter_names(layer)) & set(self.adapter_names))
+        Asked at every two-line step; answered once (the layers do not change in a call).
+        """
+        if self._row_maskable is None:
+            from bf_core.rowbatch import lora_layer_row_maskable
+
+            self._row_maskable = all(
+                lora_layer_row_maskable(layer) for _, layer in self.all_layers
+                if self.adapter_names is None
+                or set(_adapter_names(layer)) & set(self.adapter_names))
+        return self._row_maskable
 
     @contextmanager
     def rows(self, enabled_rows: torch.Tensor) -> Iterator[None]:

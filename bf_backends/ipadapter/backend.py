@@ -158,6 +158,7 @@ class IPAdapterSession(SDXLSession):
         self.image_embeds: list[torch.Tensor] = []
         self.switches: IPAdapterSwitches | None = None
         self._faceid_row_mask: RowMaskedLoRA | None = None
+        self._modules_row_switchable: bool | None = None
 
     # -- state -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -250,9 +251,10 @@ class IPAdapterSession(SDXLSession):
         """
         if self.config.semantic_adapters == "on":
             return True
-        if not self.switches.ip_keys_bias_free():
-            return False
-        if not all(lora_layer_row_maskable(layer) for layer in self.switches.faceid_layers):
+        if self._modules_row_switchable is None:  # asked at every step; the modules stay put
+            self._modules_row_switchable = self.switches.ip_keys_bias_free() and all(
+                lora_layer_row_maskable(layer) for layer in self.switches.faceid_layers)
+        if not self._modules_row_switchable:
             return False
         return all(_ip_masks_fit_any_batch(batch.cross_attention_kwargs) for batch in batches)
 
