@@ -15,10 +15,8 @@ ID_PROMPT = "a photo of sks person"
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_sdxl_pipeline(seed=0)
-    add_tiny_lora(pipe, adapter_name="identity")
-    return pipe
+def pipe(lora_pipe):
+    return lora_pipe
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,8 @@ PROMPT = "a person is kneeling by a small lake, touching the water"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared machine they only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (see the ``one_thread`` fixture)."""
 
 
 def photo(seed: int = 0, size: int = 96) -> Image.Image:

@@ -18,10 +18,8 @@ ID_PROMPT = "a photo of sks person"
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    pipe = tiny_sdxl_pipeline(seed=0)
-    add_tiny_lora(pipe, adapter_name="identity")
-    return pipe
+def pipe(lora_pipe):
+    return lora_pipe
 
 
 def unet_inputs(rows: int, length: int = 77, seed: int = 0):
