@@ -170,3 +170,55 @@ def demo_setup(seed: int = 0) -> tuple[Any, dict[str, Any]]:
         pipe = tiny_pipeline(version=1, seed=seed)
     return pipe, {"prompt": DEMO_PROMPT, "id_images": [str(reference_photo_path())],
                   "id_prompt": "a person img"}
+
+
+# --------------------------------------------------------------------------------------
+# The official pipeline, imitated by its attributes (no official package imported)
+# --------------------------------------------------------------------------------------
+
+
+class OfficialLikeEncoder(torch.nn.Module):
+    """The official encoders' call: (pixels (1, N, 3, H, W), prompt_embeds, mask[, id_embeds]).
+
+    Like the official fuse module it writes the fused rows into ``prompt_embeds`` itself.
+    """
+
+    def __init__(self, ours):
+        super().__init__()
+        self.inner = ours
+        if ours.version == "v2":
+            self.qformer_perceiver = ours.qformer_perceiver  # what makes it recognisably V2
+
+    def forward(self, id_pixel_values, prompt_embeds, class_tokens_mask, id_embeds=None):
+        fused = self.inner.fuse(prompt_embeds, class_tokens_mask,
+                                self.inner.encode_id_tokens(id_pixel_values, id_embeds))
+        prompt_embeds.copy_(fused)
+        return prompt_embeds
+
+
+class _Processed:
+    def __init__(self, pixel_values):
+        self.pixel_values = pixel_values
+
+
+def official_like(pipe):
+    """``pipe`` (a ``tiny_pipeline``) as an object carrying the official PhotoMaker
+    pipeline's attributes: its class name, ``id_encoder``, ``trigger_word``, ``num_tokens``
+    and ``id_image_processor``, and no ``pipe.photomaker``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from bf_backends.photomaker.images import preprocess_id_images
+
+    class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
+        def encode_prompt_with_trigger_word(self, *args, **kwargs):
+            raise AssertionError("the backend builds the ID prompt itself")
+
+    official = PhotoMakerStableDiffusionXLPipeline(**pipe.components)
+    official.set_progress_bar_config(disable=True)
+    state = pipe.photomaker
+    official.id_encoder = OfficialLikeEncoder(state.encoder)
+    official.trigger_word = state.trigger_word
+    official.num_tokens = 2  # always 2 in current official code, also for V1
+    official.id_image_processor = lambda images, return_tensors: _Processed(
+        preprocess_id_images(images))
+    return official

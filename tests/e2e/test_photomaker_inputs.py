@@ -1,7 +1,8 @@
 """PhotoMaker inputs that must fail with named errors, and the official pipeline wrapped.
 
 No official package is imported: the official ``PhotoMakerStableDiffusionXLPipeline`` is
-imitated by its attributes (spec 3.7), with an ID encoder that has the official call
+imitated by its attributes (``bf_backends.photomaker.testing.official_like``), with an ID
+encoder that has the official call
 signature and, like the official one, overwrites the prompt embedding it is given.
 """
 
@@ -17,10 +18,10 @@ import torch
 import bf_core
 from bf_backends.photomaker.backend import PhotoMakerBackend, official_tokens_per_image
 from bf_backends.photomaker.encoder import build_tiny_encoder
-from bf_backends.photomaker.images import preprocess_id_images
 from bf_backends.photomaker.loader import load_photomaker
 from bf_backends.photomaker.testing import (
     make_tiny_lora_weights,
+    official_like,
     reference_photo_path,
     tiny_pipeline,
     write_tiny_checkpoint,
@@ -141,49 +142,6 @@ def test_offline_hub_id_names_the_file_to_place(monkeypatch):
 # --------------------------------------------------------------------------------------
 # The official pipeline, by duck typing
 # --------------------------------------------------------------------------------------
-
-
-class OfficialLikeEncoder(torch.nn.Module):
-    """The official encoders' call: (pixels (1, N, 3, H, W), prompt_embeds, mask[, id_embeds]).
-
-    Like the official fuse module it writes the fused rows into ``prompt_embeds`` itself.
-    """
-
-    def __init__(self, ours):
-        super().__init__()
-        self.inner = ours
-        if ours.version == "v2":
-            self.qformer_perceiver = ours.qformer_perceiver  # what makes it recognisably V2
-
-    def forward(self, id_pixel_values, prompt_embeds, class_tokens_mask, id_embeds=None):
-        fused = self.inner.fuse(prompt_embeds, class_tokens_mask,
-                                self.inner.encode_id_tokens(id_pixel_values, id_embeds))
-        prompt_embeds.copy_(fused)
-        return prompt_embeds
-
-
-class _Processed:
-    def __init__(self, pixel_values):
-        self.pixel_values = pixel_values
-
-
-def official_like(pipe):
-    """A StableDiffusionXLPipeline subclass carrying the official attributes (3.7)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
-        def encode_prompt_with_trigger_word(self, *args, **kwargs):
-            raise AssertionError("the backend builds the ID prompt itself")
-
-    official = PhotoMakerStableDiffusionXLPipeline(**pipe.components)
-    official.set_progress_bar_config(disable=True)
-    state = pipe.photomaker
-    official.id_encoder = OfficialLikeEncoder(state.encoder)
-    official.trigger_word = state.trigger_word
-    official.num_tokens = 2  # always 2 in current official code, also for V1
-    official.id_image_processor = lambda images, return_tensors: _Processed(
-        preprocess_id_images(images))
-    return official
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -10,7 +10,7 @@ import torch
 
 import bf_core
 from bf_backends.photomaker.backend import PhotoMakerSession
-from bf_backends.photomaker.testing import reference_photo_path, tiny_pipeline
+from bf_backends.photomaker.testing import official_like, reference_photo_path, tiny_pipeline
 from bf_core.errors import ConfigError
 from bf_core.protocols import GenerationRequest, Line, RowBatch
 from bf_core.rowbatch import lora_up_projections, merge_row_batches
@@ -123,38 +123,6 @@ def test_baseline_stays_one_line_and_is_never_merged():
 # --------------------------------------------------------------------------------------
 # The official pipeline, duck-typed (its attributes only; no official package imported)
 # --------------------------------------------------------------------------------------
-
-
-class _OfficialSignatureEncoder(torch.nn.Module):
-    """The official encoder's call: (pixels (1, N, 3, H, W), prompt_embeds, class mask)."""
-
-    def __init__(self, ours):
-        super().__init__()
-        self.inner = ours
-
-    def forward(self, id_pixel_values, prompt_embeds, class_tokens_mask):
-        return self.inner.fuse(prompt_embeds, class_tokens_mask,
-                               self.inner.encode_id_tokens(id_pixel_values, None))
-
-
-def official_like(pipe):
-    """A V1 pipeline object carrying the official PhotoMaker pipeline's attributes."""
-    from diffusers import StableDiffusionXLPipeline
-
-    from bf_backends.photomaker.images import preprocess_id_images
-
-    class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
-        def encode_prompt_with_trigger_word(self, *args, **kwargs):
-            raise AssertionError("the backend builds the ID prompt itself")
-
-    official = PhotoMakerStableDiffusionXLPipeline(**pipe.components)
-    official.set_progress_bar_config(disable=True)
-    official.id_encoder = _OfficialSignatureEncoder(pipe.photomaker.encoder)
-    official.trigger_word = pipe.photomaker.trigger_word
-    official.id_image_processor = lambda images, return_tensors: type(
-        "Processed", (), {"pixel_values": preprocess_id_images(images)})()
-    return official
-
 
 def test_official_pipeline_with_a_peft_lora_is_batched():
     official = official_like(tiny_pipeline(version=1))
