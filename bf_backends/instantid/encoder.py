@@ -1,6 +1,6 @@
 """The InstantID identity encoder and the pipeline parts it reads.
 
-Two ways a pipeline can carry InstantID (spec sections 2.3 and 4), told apart by attributes
+Two ways a pipeline can carry InstantID (docs/backends/instantid.md), told apart by attributes
 only, never by importing InstantID's code:
 
 * ``"native"``: diffusers' ``load_ip_adapter`` put the Resampler on the UNet
@@ -15,7 +15,7 @@ only, never by importing InstantID's code:
 The encoder turns reference photos into the raw 512-d antelopev2 embedding of the largest
 face (not L2-normalised) plus its keypoints, and projects ``[0; embedding]`` through the
 Resampler in one call, as the official pipeline does: the negative ID tokens are the
-projection of a zero embedding, not zero tokens (spec 3.3).
+projection of a zero embedding, not zero tokens.
 """
 
 from __future__ import annotations

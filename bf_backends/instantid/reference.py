@@ -225,7 +225,7 @@ def reference_instantid_call(
     conditioning_scale: float = 0.8, control_guidance_start: float = 0.0,
     control_guidance_end: float = 1.0, output_type: str = "np", resampler=None,
 ):
-    """The official basic pipeline's whole call (spec 3.2), restated for tests.
+    """The official basic pipeline's whole call, restated for tests.
 
     Test support only: the backend never runs this; it is the stock algorithm the
     backend's baseline must equal bit for bit, written from the spec like the per-step

@@ -1,6 +1,6 @@
 """Per-line switches for InstantID and exact capture/restore of the pipeline state they touch.
 
-Two lines share one UNet (see the InstantID spec, section 4):
+Two lines share one UNet (docs/backends/instantid.md):
 
 * ID line: IP attention at the user's scale, IdentityNet residuals added.
 * Semantic line: every IP processor's scale at 0 and IdentityNet not called. With

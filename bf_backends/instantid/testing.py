@@ -213,7 +213,7 @@ class OfficialStyleIPAttnProcessor(torch.nn.Module):
 
 
 def tiny_official_style_pipeline(seed: int = 0, scheduler: str = "ddim", ip_scale: float = 0.8):
-    """The same tiny weights set up the official way (spec section 4), without its code.
+    """The same tiny weights set up the official way, without its code.
 
     An ``StableDiffusionXLControlNetPipeline`` carrying ``image_proj_model`` (official
     layout) and official-style processors loaded from ``ip_adapter`` by processor position,

@@ -2,7 +2,7 @@
 
 Baseline parity is against ``reference_instantid_call``, the official basic pipeline's call
 restated from the spec. The one place two correct implementations round differently is the
-Resampler (diffusers' SDPA vs the official pre-scaled float32 softmax, spec 2.3); the
+Resampler (diffusers' SDPA vs the official pre-scaled float32 softmax); the
 bit-exact test therefore hands the reference the pipeline's own projection module, and a
 second test checks the reference's own Resampler math against it to float tolerance.
 """

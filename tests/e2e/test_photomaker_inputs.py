@@ -2,8 +2,8 @@
 
 No official package is imported: the official ``PhotoMakerStableDiffusionXLPipeline`` is
 imitated by its attributes (``bf_backends.photomaker.testing.official_like``), with an ID
-encoder that has the official call
-signature and, like the official one, overwrites the prompt embedding it is given.
+encoder that has the official call signature and, like the official one, overwrites the
+prompt embedding it is given.
 """
 
 from __future__ import annotations
