@@ -48,9 +48,9 @@ from bf_backends.photomaker.prompt import (
 )
 from bf_core.errors import ConfigError, ImageInputError
 from bf_core.protocols import GenerationRequest, Identity, Line, LineConditioning, RowBatch
-from bf_core.rowbatch import RowMaskedLoRA, lora_layer_row_maskable, row_mask
+from bf_core.rowbatch import lora_layer_row_maskable, row_mask
 from bf_core.sdxl import SDXLSession, encode_line_text, has_ip_adapter, is_sdxl_pipeline
-from bf_core.switching import AdapterSwitch, peft_tuner_layers
+from bf_core.switching import AdapterSwitch
 
 #: The official pipelines' default: step indices 0..10 use the text-only prompt.
 DEFAULT_START_MERGE_STEP = 10
@@ -267,7 +267,6 @@ class PhotoMakerSession(SDXLSession):
         self._text_only: LineConditioning | None = None
         self._lora_layers: list[torch.nn.Module] | None = None
         self._adapter_switch: AdapterSwitch | None = None
-        self._lora_row_mask: RowMaskedLoRA | None = None
         self._lora_rows_switchable: bool | None = None
 
     def _start_merge_step(self) -> int:
@@ -405,19 +404,25 @@ class PhotoMakerSession(SDXLSession):
     @contextmanager
     def line_state(self, line: Line) -> Iterator[None]:
         if line is Line.SEMANTIC and self._semantic_lora_off:
-            if self._adapter_switch is None:  # found once per call
-                self._adapter_switch = AdapterSwitch([self.pipe.unet], [self.host.adapter_name])
-            with lora_adapter_off(self.pipe.unet, self.host.adapter_name, self._adapter_switch):
+            with lora_adapter_off(self.pipe.unet, self.host.adapter_name, self.adapter_switch()):
                 yield
         else:
             yield
 
+    def adapter_switch(self) -> AdapterSwitch:
+        """The PhotoMaker adapter's switch, off for a whole line or per row, built once per
+        call (walking the whole UNet at every step would cost milliseconds); its per-row
+        hooks come off when the call ends."""
+        if self._adapter_switch is None:
+            self._adapter_switch = AdapterSwitch([self.pipe.unet], [self.host.adapter_name])
+            self.restore_stack.callback(self._adapter_switch.close)
+        return self._adapter_switch
+
     def photomaker_lora_layers(self) -> list[torch.nn.Module]:
-        """The UNet's PEFT layers where the PhotoMaker adapter is active, found once per call
-        (walking the whole UNet at every step would cost milliseconds)."""
+        """The UNet's PEFT layers where the PhotoMaker adapter is active."""
         if self._lora_layers is None:
             name = self.host.adapter_name
-            self._lora_layers = [layer for _, layer in peft_tuner_layers(self.pipe.unet)
+            self._lora_layers = [layer for _, layer in self.adapter_switch().all_layers
                                  if name in _active_adapter_names(layer)]
         return self._lora_layers
 
@@ -454,11 +459,7 @@ class PhotoMakerSession(SDXLSession):
         if not self._semantic_lora_off:
             yield  # every row runs the same model
             return
-        if self._lora_row_mask is None:  # hooked once per call, unhooked when it ends
-            self._lora_row_mask = RowMaskedLoRA(self.photomaker_lora_layers(),
-                                                [self.host.adapter_name])
-            self.restore_stack.callback(self._lora_row_mask.close)
-        with self._lora_row_mask.rows(row_mask(batch, (Line.ID,))):
+        with self.adapter_switch().rows(row_mask(batch, (Line.ID,))):
             yield
 
     def negative_shareable(self) -> bool:
