@@ -68,7 +68,7 @@ def real_size_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from bf_core.sdxl import sdxl_unet_config
-    from bf_core.tiny import make_scheduler, tiny_tokenizers
+    from bf_core.testing.tiny import make_scheduler, tiny_tokenizers
 
     tokenizer, tokenizer_2 = tiny_tokenizers()
 
@@ -97,7 +97,7 @@ def real_size_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
 
 
 def tiny_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
-    from bf_core.tiny import tiny_sdxl_pipeline
+    from bf_core.testing.tiny import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline(seed=seed).to(device=device, dtype=dtype)
 

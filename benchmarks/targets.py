@@ -51,7 +51,7 @@ def default_call_kwargs(backend: Any, identity: Any, images: list) -> dict[str, 
 
 
 def _dreambooth_tiny(seed: int = 0):
-    from bf_core.tiny import add_tiny_lora, tiny_sdxl_pipeline
+    from bf_core.testing.tiny import add_tiny_lora, tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(seed=seed)
     add_tiny_lora(pipe, adapter_name="identity")
@@ -122,7 +122,7 @@ def base_pipeline(*, tiny: bool, base_model: str | None, torch_dtype: Any = None
                   device: str | None = None):
     """The base model alone (no identity method): the FID reference images come from it."""
     if tiny:
-        from bf_core.tiny import tiny_sdxl_pipeline
+        from bf_core.testing.tiny import tiny_sdxl_pipeline
 
         return tiny_sdxl_pipeline(seed=0)
     if not base_model:

@@ -109,7 +109,7 @@ class MetricModels:
             from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
             if self.tiny:
-                from bf_core.tiny import tiny_tokenizer_folder
+                from bf_core.testing.tiny import tiny_tokenizer_folder
 
                 tokenizer = CLIPTokenizer.from_pretrained(str(tiny_tokenizer_folder()),
                                                           model_max_length=77)
@@ -186,7 +186,7 @@ def _tiny_face_pack(folder: str) -> str:
     import os
     import shutil
 
-    from bf_core.testing_faces import make_random_insightface_pack
+    from bf_core.testing.faces import make_random_insightface_pack
 
     target = Path(folder) / "buffalo_l"
     if not target.is_dir():

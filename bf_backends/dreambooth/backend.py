@@ -81,7 +81,7 @@ class DreamBoothBackend:
 
     def demo_setup(self, seed: int = 0) -> tuple[Any, dict[str, Any]]:
         """A tiny offline pipeline with a random identity LoRA, and its call keywords."""
-        from bf_core.tiny import add_tiny_lora, tiny_sdxl_pipeline
+        from bf_core.testing.tiny import add_tiny_lora, tiny_sdxl_pipeline
 
         pipe = tiny_sdxl_pipeline(seed=seed)
         add_tiny_lora(pipe, adapter_name="identity", seed=seed)

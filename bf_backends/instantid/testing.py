@@ -251,7 +251,7 @@ def tiny_official_style_pipeline(seed: int = 0, scheduler: str = "ddim", ip_scal
 
 def face_pack(folder: str | os.PathLike, finds_faces: bool = True, seed: int = 0) -> Path:
     """A random antelopev2-named insightface pack that finds faces everywhere or nowhere."""
-    from bf_core.testing_faces import make_random_antelopev2_pack
+    from bf_core.testing.faces import make_random_antelopev2_pack
 
     return make_random_antelopev2_pack(folder, seed=seed,
                                        face_logit_bias=10.0 if finds_faces else -10.0)

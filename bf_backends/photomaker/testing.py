@@ -96,7 +96,7 @@ def random_face_pack(seed: int = 0) -> Path:
     score bias is strongly positive), so V2's face path runs insightface's real code on
     any photo; the embeddings are random functions of the face crops.
     """
-    from bf_core.testing_faces import make_random_insightface_pack
+    from bf_core.testing.faces import make_random_insightface_pack
 
     folder = Path(tempfile.mkdtemp(prefix="beyondfacial-faces-")) / "buffalo_l"
     return make_random_insightface_pack(folder, seed=seed, face_logit_bias=10.0)

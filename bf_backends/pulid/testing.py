@@ -157,7 +157,7 @@ class TinyVisionTower(nn.Module):
 @functools.lru_cache(maxsize=4)
 def tiny_face_pack(seed: int = 0) -> Path:
     """A random antelopev2 pack that finds faces in every image (written once per seed)."""
-    from bf_core.testing_faces import make_random_antelopev2_pack
+    from bf_core.testing.faces import make_random_antelopev2_pack
 
     folder = Path(tempfile.mkdtemp(prefix="beyondfacial-tiny-antelopev2-"))
     return make_random_antelopev2_pack(folder, seed, face_logit_bias=10.0)

@@ -176,7 +176,7 @@ def test_largest_face_is_the_largest_of_all_detections_with_the_same_embedding(t
     pytest.importorskip("insightface")
     from benchmarks.metrics.builtin import largest_face
     from bf_core.faces import FaceAnalyzer
-    from bf_core.testing_faces import make_random_insightface_pack
+    from bf_core.testing.faces import make_random_insightface_pack
 
     pack = make_random_insightface_pack(tmp_path / "buffalo_l", seed=3, face_logit_bias=10.0)
     analyzer = FaceAnalyzer(model=pack, det_size=(64, 64), providers=["CPUExecutionProvider"])

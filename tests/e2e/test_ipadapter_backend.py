@@ -24,7 +24,7 @@ from bf_core.errors import ConfigError, FaceNotFoundError, MultipleFacesError  #
 from bf_core.faces import FaceAnalyzer, align_face  # noqa: E402
 from bf_core.protocols import GenerationRequest  # noqa: E402
 from bf_core.testing import BackendConformance, pipeline_fingerprint, tiny_sdxl_pipeline  # noqa: E402
-from bf_core.testing_faces import make_random_insightface_pack  # noqa: E402
+from bf_core.testing.faces import make_random_insightface_pack  # noqa: E402
 
 # The random detector finds faces all over a random photo; which one is taken is the policy's
 # business (tested below with policy "error"), not these tests'.

@@ -30,7 +30,7 @@ from bf_core.testing import (  # noqa: E402
     forward_hooks_registered,
     pipeline_fingerprint,
 )
-from bf_core.testing_faces import make_random_insightface_pack  # noqa: E402
+from bf_core.testing.faces import make_random_insightface_pack  # noqa: E402
 
 # The random detector finds several faces in a random photo; the policy picks one.
 pytestmark = pytest.mark.filterwarnings("ignore::bf_core.faces.MultipleFacesWarning")

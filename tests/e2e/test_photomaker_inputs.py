@@ -29,7 +29,7 @@ from bf_backends.photomaker.testing import (
 from bf_core.errors import CheckpointError, ConfigError, FaceNotFoundError, ImageInputError
 from bf_core.faces import FaceAnalyzer
 from bf_core.testing import pipeline_fingerprint, tiny_sdxl_pipeline
-from bf_core.testing_faces import make_random_insightface_pack
+from bf_core.testing.faces import make_random_insightface_pack
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

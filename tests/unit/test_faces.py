@@ -1,6 +1,6 @@
 """Face analysis over insightface, run on random-weight ONNX packs (offline, seconds).
 
-The packs come from ``bf_core.testing_faces``: insightface's real detection, NMS,
+The packs come from ``bf_core.testing.faces``: insightface's real detection, NMS,
 alignment and embedding code runs on them; only the weights are random.
 """
 
@@ -28,7 +28,7 @@ from bf_core.faces import (
     align_face,
     select_face,
 )
-from bf_core.testing_faces import make_random_antelopev2_pack, make_random_insightface_pack
+from bf_core.testing.faces import make_random_antelopev2_pack, make_random_insightface_pack
 
 pytest.importorskip("insightface")
 pytest.importorskip("onnx")

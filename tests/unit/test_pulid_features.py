@@ -135,7 +135,7 @@ def test_guidance_off_sequence_layout():
 def test_a_photo_without_a_face_is_a_named_error(tmp_path):
     from bf_backends.pulid.features import PuLIDFaceFeatures
     from bf_core.faces import FaceAnalyzer
-    from bf_core.testing_faces import make_random_antelopev2_pack
+    from bf_core.testing.faces import make_random_antelopev2_pack
 
     pack = make_random_antelopev2_pack(tmp_path, face_logit_bias=-20.0)
     extractor = PuLIDFaceFeatures(FaceAnalyzer(pack, det_size=(128, 128)), TinyFaceParser(),

@@ -36,7 +36,7 @@ from bf_backends.pulid.testing import (
     write_tiny_pulid_checkpoint,
 )
 from bf_core.errors import CheckpointError, ConfigError
-from bf_core.tiny import tiny_unet_config
+from bf_core.testing.tiny import tiny_unet_config
 
 CONTEXT = 64  # cross_attention_dim of the tiny UNet
 
