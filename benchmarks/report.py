@@ -82,7 +82,7 @@ def item_rows(runner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         item, image = row["item"], row["image"]
         entry = {key: getattr(item, key) for key in ITEM_KEYS}
         entry["image"] = image.get("files", {}).get("image", {}).get("path")
-        entry["unet_rows"] = image.get("unet_rows")
+        entry["model_rows"] = image.get("model_rows")
         entry["id_region_final"] = image.get("id_region_final")
         entry["seconds"] = image.get("seconds")
         entry["peak_memory_mb"] = image.get("peak_memory_mb")
@@ -124,7 +124,7 @@ def scenario_table(runner, flat, raw) -> list[dict[str, Any]]:
                         if metric.name in raw[i]["features"]]
             generated = np.stack(features) if features else np.zeros((0, 1))
             row.update(metric.score_set(generated, references[metric.name]))
-        row["unet_evals_per_image"] = _mean(flat[i]["unet_rows"] for i in indices)
+        row["unet_evals_per_image"] = _mean(flat[i]["model_rows"] for i in indices)
         row["seconds_per_image"] = _mean(flat[i]["seconds"] for i in indices)
         row["peak_memory_mb"] = max((flat[i]["peak_memory_mb"] or 0.0 for i in indices), default=None)
         paper = PAPER_TABLE1.get(PAPER_ROW.get((backend, setting), ""), {})
@@ -271,7 +271,7 @@ def write_report(runner, missing: list) -> Path:
     table = scenario_table(runner, flat, raw)
     columns = quality_columns(runner)
 
-    item_columns = list(ITEM_KEYS) + ["image", "unet_rows", "id_region_final"] + [
+    item_columns = list(ITEM_KEYS) + ["image", "model_rows", "id_region_final"] + [
         c for c in metric_columns(runner) if c not in ("id_region_final",)]
     _write_csv(folder / "items.csv", [e for e in flat if e["setting"] != "reference"], item_columns)
     table1_columns = ["backend", "setting", "images"] + [

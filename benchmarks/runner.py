@@ -53,7 +53,8 @@ from benchmarks.storage import (
     load_array,
     sha256_file,
 )
-from benchmarks.targets import BackendTarget, base_pipeline, resolve_target
+from benchmarks.targets import BackendTarget, base_pipeline, installed_target
+from bf_core.extras import PipelineSetup
 
 #: testing hook: SIGKILL this process after this many images were generated and recorded
 EXIT_AFTER_ENV = "BEYONDFACIAL_BENCH_EXIT_AFTER"
@@ -157,19 +158,19 @@ def _progress(iterable, spec: BenchSpec, desc: str, rank: int):
 
 
 class _PipelineCache:
-    """Holds one pipeline at a time (items are ordered pipeline-major)."""
+    """Holds one pipeline set-up at a time (items are ordered pipeline-major)."""
 
     def __init__(self):
         self.key: Any = None
-        self.pipe: Any = None
+        self.setup: PipelineSetup | None = None
 
-    def get(self, key: Any, build) -> Any:
+    def get(self, key: Any, build) -> PipelineSetup:
         if key != self.key:
-            self.pipe = None
+            self.setup = None
             gc.collect()
             _empty_cuda_cache()
-            self.pipe, self.key = build(), key
-        return self.pipe
+            self.setup, self.key = build(), key
+        return self.setup
 
 
 def _empty_cuda_cache() -> None:
@@ -226,10 +227,9 @@ class Runner:
                              f"{', '.join(sorted(installed))} (see `beyondfacial backends`)")
         targets = {}
         for name in names:
-            target = resolve_target(installed[name], tiny=self.spec.tiny,
-                                    base_model=self.spec.base_model,
-                                    torch_dtype=None if self.spec.tiny else _dtype(self.spec.torch_dtype),
-                                    device=self.spec.device)
+            target = installed_target(name, tiny=self.spec.tiny, base_model=self.spec.base_model,
+                                      torch_dtype=None if self.spec.tiny else _dtype(self.spec.torch_dtype),
+                                      device=self.spec.device)
             if isinstance(target, str):
                 self.skipped[name] = target
             else:
@@ -285,25 +285,26 @@ class Runner:
             self.generated += 1
             if self._exit_after and self.generated >= self._exit_after:
                 _kill_self()  # the kill-and-resume test's SIGKILL, at a known point
-        pipes.pipe = None
+        pipes.setup = None
 
-    def _build(self, item: WorkItem):
+    def _build(self, item: WorkItem) -> PipelineSetup:
         spec = self.spec
         if item.is_reference:
             dtype = None if spec.tiny else _dtype(spec.torch_dtype)
-            pipe = base_pipeline(tiny=spec.tiny, base_model=spec.base_model, torch_dtype=dtype,
-                                 device=spec.device)
+            setup = PipelineSetup(base_pipeline(tiny=spec.tiny, base_model=spec.base_model,
+                                                torch_dtype=dtype, device=spec.device))
         else:
-            pipe = self.targets[item.backend].build_pipeline(item.checkpoint)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+            setup = self.targets[item.backend].build_pipeline(item.checkpoint)
+        setup.pipe.set_progress_bar_config(disable=True)
+        return setup
 
     def generate(self, item: WorkItem, pipes: _PipelineCache) -> None:
         import torch
 
         import bf_core
 
-        pipe = pipes.get(item.pipeline_key, lambda: self._build(item))
+        setup = pipes.get(item.pipeline_key, lambda: self._build(item))
+        pipe = setup.pipe
         params = self.spec.params
         # A backend may need its own wording of the scene prompt (PhotoMaker's trigger word);
         # metrics, file names and resume fingerprints keep the scene prompt itself.
@@ -322,8 +323,8 @@ class Runner:
         else:
             setting = next(s for s in self.spec.settings if s.name == item.setting)
             identity = self._identities[item.identity]
-            extra = self.targets[item.backend].call_kwargs(identity,
-                                                          self.identity_images(item.identity))
+            extra = {**setup.options, **self.targets[item.backend].call_kwargs(
+                identity, self.identity_images(item.identity))}
             bf = bf_core.wrap(pipe, backend=item.backend, config=setting.config)
             result = bf(**call, **extra, return_fusion_maps=setting.config.enabled)
             image, diagnostics = result.images[0], result.diagnostics
@@ -347,8 +348,8 @@ class Runner:
             id_share = 100.0 * float(maps[-1, 0].float().mean())
         self.manifest.append({
             "kind": "image", "item": item.item_id, "fingerprint": item.fingerprint,
-            "files": files, "seconds": seconds, "unet_rows": diagnostics.get("unet_rows"),
-            "unet_calls": diagnostics.get("unet_calls"), "peak_memory_mb": peak,
+            "files": files, "seconds": seconds, "model_rows": diagnostics.get("model_rows"),
+            "model_calls": diagnostics.get("model_calls"), "peak_memory_mb": peak,
             "peak_memory_kind": peak_kind, "id_region_final": id_share,
             "device": str(getattr(pipe, "device", "cpu")), "rank": self.rank})
         self._log("generated", item)

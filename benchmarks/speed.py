@@ -5,8 +5,9 @@ Two sizes:
   from its published config with random weights (nothing is downloaded), fp16 on CUDA;
 - ``--size tiny``: the tiny offline pipeline, anywhere (CPU), for the wrapper's own overhead.
 
-``--backends`` picks the identity methods (default ``dreambooth``). Each one gets its ID
-modules at the size of the pipeline, with random weights:
+``--backends`` picks the identity methods (default ``dreambooth``): any installed backend
+whose ``BackendExtras`` give a ``speed_setup``. Each one gets its ID modules at the size of
+the pipeline, with random weights; the built-in ones:
 
 - ``dreambooth``: a random rank-64 character LoRA on the UNet's attention;
 - ``ipadapter``: an IP-Adapter plus-face (16-token resampler, ``to_k_ip``/``to_v_ip`` on every
@@ -40,26 +41,18 @@ import json
 import platform
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bf_core.extras import SpeedSetup
+
 PROMPT = "a person is kneeling by a small lake, touching the water gently"
-ID_PROMPT = "a photo of sks person"
-BACKENDS = ("dreambooth", "ipadapter", "photomaker", "instantid", "pulid")
+BUILTIN_BACKENDS = ("dreambooth", "ipadapter", "photomaker", "instantid", "pulid")
 VARIANTS = ("stock", "wrapped (one call per step)", "wrapped (one call per line)")
 MODES = ("eager", "compiled")
-
-# Real-size widths of the inputs the methods' own encoders would compute.
-CLIP_VIT_H_HIDDEN = 1280  # IP-Adapter plus-face reads CLIP ViT-H/14 hidden states ...
-CLIP_TOKENS = 257  # ... of a 224 px image: 16 x 16 patches and the class token
-EVA_CLIP_TOKENS = 577  # PuLID's EVA02-CLIP-L at 336 px: 24 x 24 patches and the class token
-ARCFACE_DIM = 512
-PHOTOMAKER_LORA_RANK = 64  # the rank of the published PhotoMaker LoRA
-
 
 def real_size_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
     """A real-size SDXL pipeline with random weights (tiny tokenizers: the text encoders'
@@ -67,7 +60,7 @@ def real_size_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from bf_core.sdxl import sdxl_unet_config
+    from bf_core.hosts.sdxl import sdxl_unet_config
     from bf_core.testing.tiny import make_scheduler, tiny_tokenizers
 
     tokenizer, tokenizer_2 = tiny_tokenizers()
@@ -102,188 +95,16 @@ def tiny_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
     return tiny_sdxl_pipeline(seed=seed).to(device=device, dtype=dtype)
 
 
-def add_identity_lora(pipe, rank: int, seed: int = 0) -> None:
-    """A random character LoRA on the UNet's attention projections (DreamBooth-style)."""
-    from peft import LoraConfig
+def speed_setup(name: str, pipe: Any, real: bool, resolution: int, lora_rank: int,
+                seed: int = 0) -> SpeedSetup:
+    """Backend ``name``'s ID modules on ``pipe`` at its size (random weights), from the
+    ``speed_setup`` of the backend's extras."""
+    from bf_core.plugins import get_registry
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                            target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        pipe.unet.add_adapter(config, adapter_name="identity")
-    pipe.unet.to(dtype=pipe.unet.dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# Identity modules per backend, at the size of the pipeline (random weights)
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class BackendSetup:
-    """A pipeline with one backend's ID modules and the call keywords of its identity.
-
-    ``identity`` goes to the baseline and the wrapped calls alike; ``stock_is_pipeline``
-    times the pipeline's own call as "stock" (DreamBooth, whose baseline is that call).
-    """
-
-    pipe: Any
-    identity: dict[str, Any] = field(default_factory=dict)
-    prompt: str = PROMPT
-    stock_is_pipeline: bool = False
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def reference_photo(size: int = 96):
-    """A plain RGB picture: the methods that still read pixels (PhotoMaker's CLIP tower)
-    need one, its content does not change the cost."""
-    from PIL import Image
-
-    return Image.new("RGB", (size, size), (180, 140, 120))
-
-
-def setup_dreambooth(pipe, real: bool, lora_rank: int, resolution: int,
-                     seed: int = 0) -> BackendSetup:
-    add_identity_lora(pipe, rank=lora_rank, seed=seed)
-    return BackendSetup(pipe, {"id_prompt": ID_PROMPT}, stock_is_pipeline=True)
-
-
-def setup_ipadapter(pipe, real: bool, lora_rank: int, resolution: int,
-                    seed: int = 0) -> BackendSetup:
-    """IP-Adapter plus-face, fed precomputed CLIP hidden states [negative; positive]
-    (2, 1, 257, width), so no image encoder is loaded."""
-    from bf_backends.ipadapter.testing import tiny_adapter_state_dict, tiny_image_embed_dim
-
-    cross = int(pipe.unet.config.cross_attention_dim)
-    width = CLIP_VIT_H_HIDDEN if real else tiny_image_embed_dim("plus-face", cross)
-    state = tiny_adapter_state_dict("plus-face", pipe.unet, image_embed_dim=width, seed=seed)
-    pipe.load_ip_adapter(state, weight_name="", subfolder="", image_encoder_folder=None)
-    embeds = torch.randn((2, 1, CLIP_TOKENS, width), generator=_generator(seed))
-    embeds = embeds.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-    return BackendSetup(pipe, {"ip_adapter_image_embeds": [embeds]})
-
-
-def setup_photomaker(pipe, real: bool, lora_rank: int, resolution: int,
-                     seed: int = 0) -> BackendSetup:
-    """PhotoMaker V2: the real-size (or tiny) ID encoder and LoRA, loaded with
-    ``load_photomaker``; a precomputed ArcFace embedding replaces the face analyzer."""
-    from bf_backends.photomaker.encoder import PhotoMakerIDEncoderV2, build_tiny_encoder
-    from bf_backends.photomaker.loader import load_photomaker
-    from bf_backends.photomaker.testing import make_tiny_lora_weights
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = PhotoMakerIDEncoderV2() if real else build_tiny_encoder("v2")
-    checkpoint = {
-        "id_encoder": encoder.state_dict(),
-        "lora_weights": make_tiny_lora_weights(
-            pipe.unet, rank=PHOTOMAKER_LORA_RANK if real else 4, seed=seed),
-    }
-    state = load_photomaker(pipe, checkpoint, "v2", encoder=encoder)
-    trigger = state.trigger_word
-    identity = {"id_images": [reference_photo()], "id_prompt": f"a person {trigger}",
-                "id_embeds": torch.randn((1, ARCFACE_DIM), generator=_generator(seed))}
-    # The baseline (PhotoMaker's own algorithm) needs the trigger word in the prompt.
-    prompt = PROMPT.replace("a person", f"a person {trigger}", 1)
-    return BackendSetup(pipe, identity, prompt=prompt)
-
-
-def five_keypoints(resolution: int):
-    """(5, 2) face keypoints in output pixels (eyes, nose, mouth corners), centred."""
-    import numpy as np
-
-    fractions = np.array([[0.42, 0.40], [0.58, 0.40], [0.50, 0.50], [0.44, 0.60], [0.56, 0.60]])
-    return fractions * resolution
-
-
-def setup_instantid(pipe, real: bool, lora_rank: int, resolution: int,
-                    seed: int = 0) -> BackendSetup:
-    """InstantID: IdentityNet from the published ControlNet config and the 16-token ID
-    attention (1280-wide resampler); precomputed face embedding and fixed keypoints replace
-    the face analyzer."""
-    from bf_backends.instantid.loader import (
-        RESAMPLER_WIDTH,
-        assemble_instantid_pipeline,
-        config_for_identitynet,
-    )
-    from bf_backends.instantid.testing import make_instantid_state_dict, tiny_identitynet
-
-    if real:
-        from diffusers import ControlNetModel
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = ControlNetModel(**config_for_identitynet())
-        state = make_instantid_state_dict(pipe.unet, seed=seed, hidden_dim=RESAMPLER_WIDTH)
-    else:
-        net = tiny_identitynet(seed=seed, cross_attention_dim=pipe.unet.config.cross_attention_dim)
-        state = make_instantid_state_dict(pipe.unet, seed=seed)
-    net = net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-    pipe = assemble_instantid_pipeline(pipe, net, state)
-    identity = {"face_embeds": torch.randn((1, ARCFACE_DIM), generator=_generator(seed)),
-                "kps": five_keypoints(resolution)}
-    return BackendSetup(pipe, identity)
-
-
-class RandomFaceFeatures:
-    """PuLID's face pipeline replaced by random features of its output shapes.
-
-    ``(image, index) -> FaceFeatures``: id_cond (1, id_cond_dim) and five EVA-CLIP hidden
-    states (1, tokens, vit_dim), float32 on ``device``. The ID encoder and the ID attention
-    run for real on them; the face detector, parser and EVA-CLIP are not built.
-    """
-
-    def __init__(self, id_cond_dim: int, vit_dim: int, tokens: int, device, seed: int = 0):
-        self.id_cond_dim, self.vit_dim, self.tokens = id_cond_dim, vit_dim, tokens
-        self.device, self.seed = device, seed
-
-    def __call__(self, image, index: int | None = None):
-        import numpy as np
-
-        from bf_backends.pulid.features import FaceFeatures
-
-        generator = _generator(self.seed + (index or 0))
-        id_cond = torch.randn((1, self.id_cond_dim), generator=generator)
-        hidden = [torch.randn((1, self.tokens, self.vit_dim), generator=generator)
-                  for _ in range(5)]
-        return FaceFeatures(id_cond.to(self.device), [h.to(self.device) for h in hidden],
-                            aligned=np.zeros((1, 1, 3), np.uint8), clip_input=torch.zeros(3, 1, 1))
-
-
-def setup_pulid(pipe, real: bool, lora_rank: int, resolution: int,
-                seed: int = 0) -> BackendSetup:
-    """PuLID v1.1: the real-size (or tiny) IDFormer and ID attention via ``attach_pulid``."""
-    from bf_backends.pulid.backend import attach_pulid
-    from bf_backends.pulid.encoder import IDFormerConfig
-    from bf_backends.pulid.testing import (
-        TINY_ID_COND_DIM,
-        TINY_VIT_TOKENS,
-        tiny_encoder_config,
-        tiny_pulid_state_dict,
-    )
-
-    if real:
-        config, tokens = IDFormerConfig(), EVA_CLIP_TOKENS
-    else:
-        config = tiny_encoder_config("v1.1", pipe.unet.config.cross_attention_dim,
-                                     id_cond_dim=TINY_ID_COND_DIM)
-        tokens = TINY_VIT_TOKENS
-    state = tiny_pulid_state_dict(pipe.unet, "v1.1", seed=seed, encoder_config=config)
-    features = RandomFaceFeatures(config.id_cond_dim, config.vit_dim, tokens,
-                                  pipe.unet.device, seed)
-    adapter = attach_pulid(pipe, state, features, version="v1.1", encoder_config=config)
-    adapter.encoder.to(pipe.unet.device)  # the ID encoder stays float32, as loaded
-    return BackendSetup(pipe, {"id_images": [reference_photo()]})
-
-
-#: backend name -> (base pipeline, real size?, DreamBooth LoRA rank, resolution) -> set-up
-SETUPS: dict[str, Callable[..., BackendSetup]] = {
-    "dreambooth": setup_dreambooth, "ipadapter": setup_ipadapter,
-    "photomaker": setup_photomaker, "instantid": setup_instantid, "pulid": setup_pulid,
-}
-
+    extras = get_registry().extras(name)
+    if extras is None or extras.speed_setup is None:
+        raise ValueError(f"backend {name!r} gives no speed_setup in its BackendExtras")
+    return extras.speed_setup(pipe, real, resolution, seed=seed, lora_rank=lora_rank)
 
 
 class UNetTimer:
@@ -313,13 +134,13 @@ class UNetTimer:
 
 @dataclass
 class Measurement:
-    backend: str  # one of BACKENDS
+    backend: str  # a backend with a speed set-up
     mode: str  # eager | compiled
     variant: str  # stock | wrapped (batched) | wrapped (per line)
     seconds: float
     unet_seconds: float
     peak_memory_gib: float | None
-    unet_rows: int | None
+    model_rows: int | None
 
 
 def _sync(device: str) -> None:
@@ -362,13 +183,23 @@ def idaf_milliseconds(device: str, dtype: torch.dtype, shape: tuple[int, ...], i
     return (time.perf_counter() - start) / iterations * 1000
 
 
+def speed_backends() -> list[str]:
+    """The installed backends whose extras give a speed set-up."""
+    from bf_core.plugins import get_registry
+
+    registry = get_registry()
+    return [name for name in sorted(registry.backends())
+            if (extras := registry.extras(name)) is not None and extras.speed_setup is not None]
+
+
 def parse_backends(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in BACKENDS]
+    available = speed_backends()
+    unknown = [name for name in names if name not in available]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from "
-            f"{', '.join(BACKENDS)}, comma-separated")
+            f"{', '.join(available)}, comma-separated")
     return names
 
 
@@ -380,7 +211,7 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_backend(name: str, setup: BackendSetup, args, call: dict, modes: list[str],
+def measure_backend(name: str, setup: SpeedSetup, args, call: dict, modes: list[str],
                     progress, record) -> None:
     """Time the three variants of one backend in each mode, passing each measurement to
     ``record`` as soon as it is taken (so a failure in a later mode keeps the earlier ones)."""
@@ -388,7 +219,7 @@ def measure_backend(name: str, setup: BackendSetup, args, call: dict, modes: lis
 
     pipe = setup.pipe
     pipe.set_progress_bar_config(disable=True)
-    call = dict(call, prompt=setup.prompt)
+    call = dict(call, prompt=setup.prompt or PROMPT)
 
     def generator():
         return torch.Generator(device="cpu").manual_seed(0)
@@ -413,8 +244,8 @@ def measure_backend(name: str, setup: BackendSetup, args, call: dict, modes: lis
         for variant, run in runs.items():
             run()  # warm-up (and compilation)
             seconds, unet_seconds, peak, output = time_call(run, args.device, pipe.unet, args.repeats)
-            unet_rows = getattr(output, "diagnostics", {}).get("unet_rows", 2 * args.steps)
-            record(Measurement(name, mode, variant, seconds, unet_seconds, peak, unet_rows))
+            model_rows = getattr(output, "diagnostics", {}).get("model_rows", 2 * args.steps)
+            record(Measurement(name, mode, variant, seconds, unet_seconds, peak, model_rows))
             progress.update()
 
 
@@ -461,8 +292,8 @@ def measure(args, save=None) -> dict:
         # One pipeline at a time: a fresh one per backend (its ID modules change the UNet).
         setup = None
         try:
-            setup = SETUPS[name](build(args.device, dtype), args.size == "real",
-                                 args.lora_rank, resolution)
+            setup = speed_setup(name, build(args.device, dtype), args.size == "real",
+                                resolution, args.lora_rank)
             measure_backend(name, setup, args, call, modes, progress, record)
         except Exception as exc:  # keep the other backends' numbers; report this one
             traceback.print_exc()
@@ -500,7 +331,7 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {m['backend']} | {m['mode']} | {m['variant']} | {m['seconds']:.3f} | "
                      f"{m['seconds'] / base['seconds']:.2f} | {m['unet_seconds']:.3f} | "
                      f"{share:.1%} | {wrapper_overhead(m, base):.1%} | {memory} | "
-                     f"{memory_ratio} | {m['unet_rows']} |")
+                     f"{memory_ratio} | {m['model_rows']} |")
     if result.get("errors"):
         lines += ["", "Failed:"] + [f"- {name}: {error}" for name, error in result["errors"].items()]
     return "\n".join(lines) + "\n"
@@ -514,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--backends", type=parse_backends, default=["dreambooth"],
-                        help=f"comma-separated, from {','.join(BACKENDS)} (default dreambooth)")
+                        help="comma-separated installed backends with a speed set-up, e.g. "
+                             f"{','.join(BUILTIN_BACKENDS)} (default dreambooth)")
     parser.add_argument("--lora-rank", type=int, default=64,
                         help="rank of the DreamBooth identity LoRA")
     parser.add_argument("--modes", type=parse_modes, default=["eager"],

@@ -1,22 +1,18 @@
 """How the benchmark builds a pipeline and identity inputs for any installed backend.
 
-The benchmark protocol is optional; a backend implements what it can:
+Everything comes from the backend's ``BackendExtras`` (the ``bf_backend_extras`` hook; see
+docs/plugins.md), so a third-party backend joins the benchmark by answering that hook:
 
-- ``benchmark_pipeline(base_model, checkpoint, *, torch_dtype, device)``: the pipeline
-  this backend serves. Without it, ``from_pretrained`` with the same arguments is used.
-- ``benchmark_tiny_pipeline(seed=0)``: an offline tiny pipeline it serves, for
-  ``--tiny`` runs. Without it the backend is left out of tiny runs (with a note).
-- ``benchmark_call_kwargs(identity, images)``: the call keywords that give one identity
-  (``identity`` is a ``BenchIdentity``, ``images`` its reference photos as PIL images).
-  Without it: ``id_images=images`` plus ``id_prompt`` when the identity sets one.
-- ``benchmark_prompt(prompt)``: the prompt this backend is called with for a scene prompt
-  of the grid (PhotoMaker adds its trigger word); the metrics still score the scene
-  prompt. Without it: the prompt as it is.
+- ``tiny_pipeline(seed)``: the offline tiny pipeline of ``--tiny`` runs (required for them);
+- ``load_pipeline(base_model, checkpoint, *, torch_dtype, device)``: the real pipeline
+  (required for real runs);
+- ``call_kwargs(identity, images)``: the call keywords that give one identity
+  (``identity`` a ``BenchIdentity``, ``images`` its photos as PIL images); without it:
+  ``id_images=images`` plus ``id_prompt`` when the identity sets one;
+- ``scene_prompt(prompt)``: the prompt this backend is called with for a scene prompt of
+  the grid (PhotoMaker adds its trigger word); the metrics still score the scene prompt.
 
-The protocol is looked up on the registered backend object, so a backend that adds these
-methods is picked up with no change here. Backends shipped before the protocol existed get
-their answers from ``KNOWN_BACKENDS`` below, which holds only what their public API (and
-their ``testing`` module) already offers; a backend's own method always wins over it.
+A pipeline set-up's ``options`` (e.g. a tiny face analyser) go to every call on it.
 """
 
 from __future__ import annotations
@@ -26,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bf_core.errors import ConfigError
+from bf_core.extras import BackendExtras, PipelineSetup
 
 
 def unchanged_prompt(prompt: str) -> str:
@@ -37,7 +34,7 @@ class BackendTarget:
     """Everything the runner needs from one backend."""
 
     name: str
-    build_pipeline: Callable[[str | None], Any]  # checkpoint -> pipeline
+    build_pipeline: Callable[[str | None], PipelineSetup]  # checkpoint -> pipeline set-up
     call_kwargs: Callable[[Any, list], dict[str, Any]]  # (identity, images) -> keywords
     prompt: Callable[[str], str] = unchanged_prompt  # scene prompt -> the one passed
 
@@ -50,72 +47,37 @@ def default_call_kwargs(backend: Any, identity: Any, images: list) -> dict[str, 
     return kwargs
 
 
-def _dreambooth_tiny(seed: int = 0):
-    from bf_core.testing.tiny import add_tiny_lora, tiny_sdxl_pipeline
-
-    pipe = tiny_sdxl_pipeline(seed=seed)
-    add_tiny_lora(pipe, adapter_name="identity")
-    return pipe
-
-
-def _dreambooth_kwargs(backend: Any, identity: Any, images: list) -> dict[str, Any]:
-    # The identity lives in the LoRA and its trigger prompt; the photos only feed the metrics.
-    id_prompt = identity.option(backend.name, "id_prompt", identity.id_prompt)
-    return {"id_prompt": id_prompt or backend.default_id_prompt}
-
-
-#: the tiny IP-Adapter variant: a CLIP-image one, so the tiny identity photos feed it
-#: directly (FaceID variants would also need a face detector that finds faces in them)
-TINY_IPADAPTER_VARIANT = "plus-face"
-
-
-def _ipadapter_tiny(seed: int = 0):
-    from bf_backends.ipadapter.testing import tiny_pipeline
-
-    return tiny_pipeline(TINY_IPADAPTER_VARIANT, seed=seed)
-
-
-#: name -> (tiny pipeline builder, call keywords) for backends without the protocol;
-#: None: the protocol's default (IP-Adapter takes ``id_images`` as they are)
-KNOWN_BACKENDS: dict[str, tuple[Callable | None, Callable | None]] = {
-    "dreambooth": (_dreambooth_tiny, _dreambooth_kwargs),
-    "ipadapter": (_ipadapter_tiny, None),
-}
-
-
-def resolve_target(backend: Any, *, tiny: bool, base_model: str | None, torch_dtype: Any = None,
+def resolve_target(backend: Any, extras: BackendExtras | None, *, tiny: bool,
+                   base_model: str | None, torch_dtype: Any = None,
                    device: str | None = None) -> BackendTarget | str:
     """The backend's target, or a sentence saying why it cannot be benchmarked here."""
-    known_tiny, known_kwargs = KNOWN_BACKENDS.get(backend.name, (None, None))
-    if hasattr(backend, "benchmark_call_kwargs"):
-        call_kwargs = backend.benchmark_call_kwargs
-    elif known_kwargs is not None:
-        def call_kwargs(identity, images, _f=known_kwargs):
-            return _f(backend, identity, images)
-    else:
-        def call_kwargs(identity, images):
-            return default_call_kwargs(backend, identity, images)
-
-    prompt = getattr(backend, "benchmark_prompt", None) or unchanged_prompt
-
+    if extras is None:
+        return ("gives no BackendExtras (the bf_backend_extras hook, docs/plugins.md), so the "
+                "benchmark cannot build its pipeline")
+    call_kwargs = extras.call_kwargs or (lambda identity, images: default_call_kwargs(
+        backend, identity, images))
+    prompt = extras.scene_prompt or unchanged_prompt
     if tiny:
-        builder = getattr(backend, "benchmark_tiny_pipeline", None) or known_tiny
-        if builder is None:
-            return "has no benchmark_tiny_pipeline() (see docs/benchmark.md, 'Backend protocol')"
-        return BackendTarget(backend.name, lambda checkpoint, _b=builder: _b(seed=0), call_kwargs,
-                             prompt)
-
-    builder = getattr(backend, "benchmark_pipeline", None) or getattr(backend, "from_pretrained", None)
-    if builder is None:
-        return "has neither benchmark_pipeline() nor from_pretrained()"
+        return BackendTarget(backend.name, lambda checkpoint: extras.tiny_pipeline(seed=0),
+                             call_kwargs, prompt)
+    if extras.load_pipeline is None:
+        return "gives no load_pipeline in its BackendExtras, so it cannot be built from files"
     if not base_model:
         raise ConfigError("--base-model is required (a diffusers SDXL folder or hub id), or pass "
                           "--tiny for the offline tiny setup")
     return BackendTarget(
         backend.name,
-        lambda checkpoint, _b=builder: _b(base_model, checkpoint, torch_dtype=torch_dtype,
-                                          device=device),
+        lambda checkpoint: extras.load_pipeline(base_model, checkpoint, torch_dtype=torch_dtype,
+                                                device=device),
         call_kwargs, prompt)
+
+
+def installed_target(name: str, **kwargs: Any) -> BackendTarget | str:
+    """``resolve_target`` for the installed backend ``name`` and its plugin's extras."""
+    from bf_core.plugins import get_registry
+
+    registry = get_registry()
+    return resolve_target(registry.get_backend(name), registry.extras(name), **kwargs)
 
 
 def base_pipeline(*, tiny: bool, base_model: str | None, torch_dtype: Any = None,
@@ -127,6 +89,6 @@ def base_pipeline(*, tiny: bool, base_model: str | None, torch_dtype: Any = None
         return tiny_sdxl_pipeline(seed=0)
     if not base_model:
         raise ConfigError("the FID reference set needs --base-model (or --fid-reference DIR)")
-    from bf_core.sdxl import load_sdxl_pipeline
+    from bf_core.hosts.sdxl import load_sdxl_pipeline
 
     return load_sdxl_pipeline(base_model, torch_dtype=torch_dtype, device=device)

@@ -28,13 +28,13 @@ _LAZY = {
     "IdentityEncoder": "bf_core.protocols",
     "Backend": "bf_core.protocols",
     "BackendSession": "bf_core.protocols",
-    "Identity": "bf_core.protocols",
-    "Line": "bf_core.protocols",
-    "LineConditioning": "bf_core.protocols",
+    "Identity": "bf_core.records",
+    "Line": "bf_core.records",
+    "LineConditioning": "bf_core.records",
     "hookimpl": "bf_core.hookspecs",
     "register_plugin": "bf_core.plugins",
     "unregister_plugin": "bf_core.plugins",
-    "BeyondFacialPipelineOutput": "bf_core.dli",
+    "BeyondFacialPipelineOutput": "bf_core.records",
     "render_fusion_strip": "bf_core.visualize",
 }
 
@@ -64,18 +64,11 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from bf_core.aggregation import idap_aggregate, idap_query
     from bf_core.config import BFConfig, IdAFConfig, IdAPConfig
-    from bf_core.dli import BeyondFacialPipelineOutput
     from bf_core.fusion import idaf
     from bf_core.hookspecs import hookimpl
     from bf_core.plugins import register_plugin, unregister_plugin
-    from bf_core.protocols import (
-        Backend,
-        BackendSession,
-        Identity,
-        IdentityEncoder,
-        Line,
-        LineConditioning,
-    )
+    from bf_core.protocols import Backend, BackendSession, IdentityEncoder
+    from bf_core.records import BeyondFacialPipelineOutput, Identity, Line, LineConditioning
     from bf_core.visualize import render_fusion_strip
     from bf_core.wrap import BeyondFacialPipeline, wrap
 

@@ -114,23 +114,26 @@ def cmd_backends(args: argparse.Namespace) -> int:
     from bf_core.plugins import get_registry
 
     registry = get_registry()
-    backends = registry.backends()
     listing = []
-    for name, backend in sorted(backends.items()):
+    for name, backend in sorted(registry.backends().items()):
         plugin = registry.backend_plugin(name)
         record = next((p for p in registry.plugins if p.name == plugin), None)
         listing.append({
-            "name": name, "status": "loaded", "plugin": plugin,
+            "name": name, "kind": "backend", "status": "loaded", "plugin": plugin,
             "package": record.distribution if record else None,
             "version": record.version if record else None,
-            "priority": getattr(backend, "priority", 0),
-            "recognizes": getattr(backend, "recognizes_description", None),
-            "default_id_prompt": getattr(backend, "default_id_prompt", None),
+            "hosts": list(backend.hosts), "priority": backend.priority,
+            "recognizes": backend.recognizes_description,
+            "default_id_prompt": backend.default_id_prompt,
         })
+    for name, host in sorted(registry.hosts().items()):
+        listing.append({"name": name, "kind": "host", "status": "loaded",
+                        "recognizes": host.recognizes_description})
     for record in registry.plugins:
         if record.status != "loaded":
-            listing.append({"name": record.name, "status": record.status, "plugin": record.name,
-                            "package": record.distribution, "version": record.version,
+            listing.append({"name": record.name, "kind": "plugin", "status": record.status,
+                            "plugin": record.name, "package": record.distribution,
+                            "version": record.version, "hook": record.hook,
                             "error": record.error})
     print(json.dumps(listing, indent=2))
     return 0
@@ -155,7 +158,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_and_save(bf, args, config, out: Path, call_kwargs: dict[str, Any], seeds: list[int],
+def _run_and_save(bf, config, out: Path, call_kwargs: dict[str, Any], seeds: list[int],
                   stem: str) -> list[Path]:
     import dataclasses
 
@@ -188,9 +191,39 @@ def _run_and_save(bf, args, config, out: Path, call_kwargs: dict[str, Any], seed
     return written
 
 
+def backend_extras(name: str):
+    """The backend's ``BackendExtras`` (tiny pipeline, loading from files), or a clear exit."""
+    from bf_core.plugins import get_registry
+
+    registry = get_registry()
+    registry.get_backend(name)  # a named error for an unknown backend
+    extras = registry.extras(name)
+    if extras is None:
+        raise SystemExit(f"error: backend {name!r} gives no extras (tiny pipeline, loading from "
+                         "files); wrap your own pipeline from Python with bf_core.wrap(pipe)")
+    return extras
+
+
+def _pipeline_for(args: argparse.Namespace, extras):
+    """The pipeline set-up of ``generate``: the tiny one, or the backend's from files."""
+    if args.tiny:
+        return extras.tiny_pipeline(seed=0)
+    if not args.base_model:
+        raise SystemExit("error: --base-model is required (a local diffusers SDXL folder or a "
+                         "hub id), or pass --tiny for the offline tiny pipeline")
+    if extras.load_pipeline is None:
+        raise SystemExit(f"error: backend {args.backend!r} cannot build pipelines from paths; "
+                         "wrap your own pipeline from Python with bf_core.wrap(pipe)")
+    import torch
+
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[args.dtype]
+    return extras.load_pipeline(args.base_model, args.checkpoint, torch_dtype=dtype,
+                                device=args.device)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import bf_core
-    from bf_core.plugins import get_registry
 
     config = config_from_args(args)
     out = Path(args.out)
@@ -198,53 +231,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stem = args.name
     _refuse_overwrite([out / f"{stem}_seed{s}_0.png" for s in args.seed]
                       + [out / f"{stem}_settings.json"], args.overwrite)
-    backend = get_registry().get_backend(args.backend)
-    tiny_defaults: dict[str, Any] = {}
-    if args.tiny:
-        pipe, tiny_defaults = tiny_setup(backend, seed=0)
-    else:
-        if not args.base_model:
-            raise SystemExit("error: --base-model is required (a local diffusers SDXL folder or a "
-                             "hub id), or pass --tiny for the offline tiny pipeline")
-        # (base model, one checkpoint path) -> pipeline: the benchmark protocol's builder where a
-        # method needs several files (InstantID: a folder; PuLID: its file with models beside
-        # it; docs/benchmark.md), else the backend's from_pretrained.
-        build = (getattr(backend, "benchmark_pipeline", None)
-                 or getattr(backend, "from_pretrained", None))
-        if build is None:
-            raise SystemExit(f"error: backend {args.backend!r} cannot build pipelines from paths; "
-                             "wrap your own pipeline from Python with bf_core.wrap(pipe)")
-        import torch
-
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float32": torch.float32}[args.dtype]
-        pipe = build(args.base_model, args.checkpoint, torch_dtype=dtype, device=args.device)
-    pipe.set_progress_bar_config(disable=False)
-    bf = bf_core.wrap(pipe, backend=args.backend, config=config)
-    call_kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                       id_prompt=args.id_prompt or tiny_defaults.get("id_prompt"),
-                       id_images=args.id_image or tiny_defaults.get("id_images"),
+    setup = _pipeline_for(args, backend_extras(args.backend))
+    setup.pipe.set_progress_bar_config(disable=False)
+    bf = bf_core.wrap(setup.pipe, backend=args.backend, config=config)
+    identity = setup.identity if args.tiny else {}
+    call_kwargs = dict(setup.options, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                       id_prompt=args.id_prompt or identity.get("id_prompt"),
+                       id_images=args.id_image or identity.get("id_images"),
                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                        height=args.height, width=args.width,
                        num_images_per_prompt=args.num_images)
-    written = _run_and_save(bf, args, config, out, call_kwargs, args.seed, stem)
+    written = _run_and_save(bf, config, out, call_kwargs, args.seed, stem)
     print("\n".join(str(p) for p in written))
     return 0
-
-
-def tiny_setup(backend, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """(pipe, call keywords): the backend's own tiny offline pipeline and identity inputs."""
-    if not hasattr(backend, "demo_setup"):
-        raise SystemExit(f"error: backend {backend.name!r} has no tiny offline setup "
-                         "(a demo_setup method); choose another with --backend")
-    return backend.demo_setup(seed=seed)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import bf_core
-    from bf_core.plugins import get_registry
     from bf_core.visualize import contact_sheet
 
     out = Path(args.out)
@@ -260,12 +265,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     warnings.filterwarnings("ignore", category=MultipleFacesWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
-    pipe, call_kwargs = tiny_setup(get_registry().get_backend(args.backend), seed=0)
-    pipe.set_progress_bar_config(disable=False, desc="beyondfacial demo")
+    extras = backend_extras(args.backend)
+    setup = extras.tiny_pipeline(seed=0)
+    setup.pipe.set_progress_bar_config(disable=False, desc="beyondfacial demo")
     config = bf_core.BFConfig()
-    bf = bf_core.wrap(pipe, backend=args.backend, config=config)
-    call_kwargs.update(num_inference_steps=args.steps, height=args.size, width=args.size)
-    written = _run_and_save(bf, args, config, out, call_kwargs, [args.seed], "demo")
+    bf = bf_core.wrap(setup.pipe, backend=args.backend, config=config)
+    call_kwargs = dict(setup.options, **setup.identity, prompt=extras.prompt,
+                       num_inference_steps=args.steps, height=args.size, width=args.size)
+    written = _run_and_save(bf, config, out, call_kwargs, [args.seed], "demo")
     baseline = bf.with_config(enabled=False)(**call_kwargs, output_type="pil",
                                              generator=torch.Generator().manual_seed(args.seed))
     from PIL import Image
@@ -282,42 +289,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 BENCH_UNAVAILABLE = (
-    "error: `beyondfacial bench` runs the benchmark in the source checkout's benchmarks/ folder, "
-    "which is not part of the installed package. Clone the beyondfacial repository, install it "
-    "with pip install -e '.[bench,faces]' and run the command from the checkout's root (or "
-    "python -m benchmarks there).")
+    "error: `beyondfacial bench` is the benchmark package (benchmarks/) of the beyondfacial "
+    "distribution, and it is not installed here. Install beyondfacial from its repository "
+    "with pip install -e '.[bench,faces]' (or run python -m benchmarks in the checkout).")
 
 
-def _import_benchmarks():
-    """The checkout's ``benchmarks`` package: importable from the working directory, or found
-    beside this package when it runs from a source tree."""
-    import importlib
+def command(name: str):
+    """A subcommand another package of the project provides, by its entry point in the group
+    ``beyondfacial.commands`` (``bench`` is the benchmark's ``main``), or None."""
+    from importlib import metadata
 
-    checkout = Path(__file__).resolve().parents[1]
-    for attempt in (None, checkout):
-        if attempt is not None and (attempt / "benchmarks" / "__init__.py").is_file():
-            sys.path.insert(0, str(attempt))
-        try:
-            package = importlib.import_module("benchmarks")
-        except ImportError:
-            continue
-        if getattr(package, "BEYONDFACIAL_BENCHMARK", False):
-            return importlib.import_module("benchmarks.cli")
-        sys.modules.pop("benchmarks", None)  # an unrelated package of the same name
-    raise SystemExit(BENCH_UNAVAILABLE)
+    found = [ep for ep in metadata.entry_points(group="beyondfacial.commands") if ep.name == name]
+    return found[0].load() if found else None
 
 
 def cmd_bench(argv: list[str]) -> int:
-    return _import_benchmarks().main(argv)
+    main = command("bench")
+    if main is None:
+        raise SystemExit(BENCH_UNAVAILABLE)
+    return main(argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="beyondfacial",
-        description="Identity-preserving SDXL generation of whole people in whole scenes "
-                    "(Dual-Line Inference with IdAF and IdAP).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate images with a backend and write them with "
                                           "their fusion maps and exact settings")
     gen.add_argument("--backend", default="dreambooth", help="see `beyondfacial backends`")
@@ -344,11 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
-    backends = sub.add_parser("backends", help="list installed backends and plugins as JSON")
-    backends.set_defaults(func=cmd_backends)
-    env = sub.add_parser("env", help="library versions and devices as JSON")
-    env.set_defaults(func=cmd_env)
 
+def add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="a tiny offline run: image, fusion maps, comparison")
     demo.add_argument("--backend", default="photomaker",
                       help="a backend with a tiny offline setup (default: photomaker, the paper's host)")
@@ -359,10 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beyondfacial",
+        description="Identity-preserving SDXL generation of whole people in whole scenes "
+                    "(Dual-Line Inference with IdAF and IdAP).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    sub.add_parser("backends", help="list installed backends, hosts and plugins as JSON"
+                   ).set_defaults(func=cmd_backends)
+    sub.add_parser("env", help="library versions and devices as JSON").set_defaults(func=cmd_env)
+    add_demo_parser(sub)
     # Listed for --help only: main() hands everything after "bench" to the benchmark's parser.
     sub.add_parser("bench", add_help=False,
-                   help="cross-method benchmark from the source checkout (beyondfacial bench "
-                        "--help; e.g. --tiny --out DIR)")
+                   help="cross-method benchmark (beyondfacial bench --help; e.g. --tiny --out DIR)")
     return parser
 
 

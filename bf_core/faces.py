@@ -49,10 +49,6 @@ class FaceModelPack:
     unused: tuple[str, ...]
     source: str
 
-    @property
-    def all_files(self) -> tuple[str, ...]:
-        return (self.detector, self.recognizer, *self.unused)
-
 
 FACE_MODEL_PACKS = {
     "buffalo_l": FaceModelPack(

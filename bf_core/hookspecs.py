@@ -2,7 +2,9 @@
 
 A plugin is a module or object with functions decorated by ``bf_core.hookimpl`` and
 registered under the entry-point group ``beyondfacial``. Hooks only ever gain arguments;
-an implementation may accept fewer than the spec lists.
+an implementation may accept fewer than the spec lists. After loading, the registry runs
+``check_pending()``: a plugin implementing a hook no spec names (a misspelling) is
+reported and skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import pluggy
 
 PROJECT_NAME = "beyondfacial"
 ENTRY_POINT_GROUP = "beyondfacial"
+#: entry points naming further hookspec modules (the benchmark's metrics hook)
+HOOKSPEC_GROUP = "beyondfacial.hookspecs"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -22,8 +26,18 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def bf_register_backends(register) -> None:
     """Register identity backends: call ``register(backend)`` for each.
 
-    ``backend`` satisfies ``bf_core.Backend``: a ``name``, a ``recognizes(pipe)`` check, a
-    ``priority`` and ``open_session(pipe, request, config)``.
+    ``backend`` satisfies ``bf_core.Backend``: a ``name``, the ``hosts`` it serves, its
+    call ``options``, a ``recognizes(pipe)`` check, a ``priority`` and
+    ``open_session(call, config)``.
+    """
+
+
+@hookspec
+def bf_register_hosts(register) -> None:
+    """Register host families (base models): call ``register(host)`` for each.
+
+    ``host`` satisfies ``bf_core.hosts.Host``: a ``name``, ``recognizes(pipe)`` and
+    ``open_call(pipe, args, kwargs)``.
     """
 
 
@@ -36,6 +50,10 @@ def bf_backend_for_pipeline(pipe: Any, candidates: list[str]) -> str | None:
     """
 
 
-@hookspec
-def bf_register_metrics(register) -> None:
-    """Register benchmark metrics: call ``register(metric)`` for each."""
+@hookspec(firstresult=True)
+def bf_backend_extras(backend: str) -> Any:
+    """The ``bf_core.extras.BackendExtras`` of the backend named ``backend``, or None.
+
+    What the demo, the CLI and the benchmarks need beyond generation: a tiny offline
+    pipeline, a pipeline from files, the speed script's set-up, benchmark call keywords.
+    """

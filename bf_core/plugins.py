@@ -1,13 +1,22 @@
-"""The plugin manager: built-in and third-party backends, loaded lazily on first use.
+"""The plugin manager: built-in and third-party hosts and backends, loaded lazily on first use.
 
-Built-in backends register through the same entry-point group (``beyondfacial``) that a
-third-party package uses. A plugin that fails to import or to register is recorded and
-skipped, never fatal; ``beyondfacial backends`` shows it with its error.
+Built-in backends (and the SDXL host) register through the same entry-point group
+(``beyondfacial``) that a third-party package uses. A plugin is isolated from the others:
+one that fails to import, implements a hook no spec names, or raises in any hook is marked
+failed (with the hook's name), skipped, and shown by ``beyondfacial backends``; it never
+takes ``wrap`` down for everyone.
 
-Environment switches (comma-separated entry-point names):
-- ``BEYONDFACIAL_BLOCK_PLUGINS``: never load these.
-- ``BEYONDFACIAL_ALLOW_PLUGINS``: load only these (built-ins included only if listed).
+Backend names are unique. The built-in names are reserved: a third-party backend of the
+same name is refused with a warning naming both distributions, as is any other collision,
+unless the user chooses the winner (``BEYONDFACIAL_BACKEND_CHOICE`` or ``choose_backend``).
+
+Environment switches:
+- ``BEYONDFACIAL_BLOCK_PLUGINS=a,b``: never load these entry points.
+- ``BEYONDFACIAL_ALLOW_PLUGINS=a,b``: load only these (built-in backends included only if
+  listed; the built-in hosts always load, every backend needs one).
 - ``BEYONDFACIAL_DISABLE_PLUGINS=1``: load no third-party plugins, only the built-ins.
+- ``BEYONDFACIAL_BACKEND_CHOICE=name=distribution,...``: which distribution's backend
+  serves ``name`` when several register it.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import importlib
 import os
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -26,23 +36,33 @@ from bf_core import hookspecs
 from bf_core.errors import BackendNotFoundError, UnsupportedPipelineError
 
 BUILTIN_DISTRIBUTION = "beyondfacial"
-#: module of each built-in backend, used when the package runs from a source tree that was
+#: module of each built-in plugin, used when the package runs from a source tree that was
 #: never installed (so its entry points are not visible)
 BUILTIN_PLUGINS = {
+    "sdxl": "bf_core.hosts.sdxl",
     "dreambooth": "bf_backends.dreambooth",
     "photomaker": "bf_backends.photomaker",
     "ipadapter": "bf_backends.ipadapter",
     "instantid": "bf_backends.instantid",
     "pulid": "bf_backends.pulid",
 }
+#: the built-in plugins that register hosts (base-model families), not backends
+BUILTIN_HOSTS = frozenset({"sdxl"})
+#: backend names only the built-in plugins may register (unless the user chooses otherwise)
+RESERVED_BACKEND_NAMES = frozenset(BUILTIN_PLUGINS) - BUILTIN_HOSTS
 
 BLOCK_ENV = "BEYONDFACIAL_BLOCK_PLUGINS"
 ALLOW_ENV = "BEYONDFACIAL_ALLOW_PLUGINS"
 DISABLE_ENV = "BEYONDFACIAL_DISABLE_PLUGINS"
+CHOICE_ENV = "BEYONDFACIAL_BACKEND_CHOICE"
+
+_BACKEND_ATTRIBUTES = ("name", "recognizes_description", "priority", "default_id_prompt",
+                       "hosts", "options", "recognizes", "open_session")
+_HOST_ATTRIBUTES = ("name", "recognizes_description", "recognizes", "call_keywords", "open_call")
 
 
 class PluginLoadWarning(UserWarning):
-    """A plugin failed to load or register and was skipped."""
+    """A plugin failed (to load, register or answer a hook) and was skipped."""
 
 
 @dataclass
@@ -55,11 +75,18 @@ class PluginRecord:
     version: str | None = None
     status: str = "loaded"  # loaded | failed | blocked
     error: str | None = None
+    hook: str | None = None  # the hook (or stage) in which it failed
+
+    @property
+    def builtin(self) -> bool:
+        return self.source == "built-in" or self.distribution == BUILTIN_DISTRIBUTION
 
 
 @dataclass
-class BackendRecord:
-    backend: Any
+class Registered:
+    """A backend or host and the plugin that registered it."""
+
+    item: Any
     plugin: str
 
 
@@ -70,14 +97,27 @@ def _env_names(name: str) -> set[str] | None:
     return {part.strip() for part in value.split(",") if part.strip()}
 
 
-class PluginRegistry:
-    """Holds the pluggy manager, the plugins it loaded and the backends they registered."""
+def _env_choices() -> dict[str, str]:
+    """``name=distribution`` pairs of ``BEYONDFACIAL_BACKEND_CHOICE``."""
+    pairs = (part.split("=", 1) for part in os.environ.get(CHOICE_ENV, "").split(",") if "=" in part)
+    return {name.strip(): owner.strip() for name, owner in pairs}
 
-    def __init__(self, load_entry_points: bool = True):
+
+def _missing_attributes(item: Any, attributes: tuple[str, ...]) -> list[str]:
+    return [name for name in attributes if not hasattr(item, name)]
+
+
+class PluginRegistry:
+    """Holds the pluggy manager, the plugins it loaded and the hosts and backends they
+    registered. Hooks are called plugin by plugin, so that one failing plugin is skipped."""
+
+    def __init__(self, load_entry_points: bool = True, choices: dict[str, str] | None = None):
         self.manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.manager.add_hookspecs(hookspecs)
         self.plugins: list[PluginRecord] = []
-        self._backends: dict[str, BackendRecord] = {}
+        self.choices = {**_env_choices(), **(choices or {})}
+        self._backends: dict[str, Registered] = {}
+        self._hosts: dict[str, Registered] = {}
         self._load_entry_points = load_entry_points
         self._loaded = False
         self._lock = threading.RLock()
@@ -88,27 +128,23 @@ class PluginRegistry:
         blocked, allowed = _env_names(BLOCK_ENV), _env_names(ALLOW_ENV)
         if blocked and name in blocked:
             return f"blocked by {BLOCK_ENV}"
-        if allowed is not None and name not in allowed:
+        # The built-in hosts are what every backend runs on: an allow list of backends keeps them.
+        if allowed is not None and name not in allowed and not (builtin and name in BUILTIN_HOSTS):
             return f"not listed in {ALLOW_ENV}"
         if not builtin and os.environ.get(DISABLE_ENV, "") not in ("", "0"):
             return f"third-party plugins disabled by {DISABLE_ENV}"
         return None
 
-    def _register_module(self, name: str, record: PluginRecord, loader) -> None:
-        reason = self._allowed(name, record.source == "built-in"
-                               or record.distribution == BUILTIN_DISTRIBUTION)
+    def _register_module(self, record: PluginRecord, loader: Callable[[], Any]) -> None:
+        self.plugins.append(record)
+        reason = self._allowed(record.name, record.builtin)
         if reason:
             record.status, record.error = "blocked", reason
-            self.plugins.append(record)
             return
         try:
-            plugin = loader()
-            self.manager.register(plugin, name=name)
+            self.manager.register(loader(), name=record.name)
         except Exception as exc:  # a broken plugin must never take the host down
-            record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"beyondfacial plugin {name!r} failed to load and was skipped: "
-                          f"{record.error}", PluginLoadWarning, stacklevel=3)
-        self.plugins.append(record)
+            self._mark_failed(record.name, exc, "import")
 
     def _discover(self) -> None:
         found_builtin = False
@@ -117,40 +153,101 @@ class PluginRegistry:
                 dist = getattr(ep, "dist", None)
                 dist_name = dist.metadata["Name"] if dist is not None else None
                 found_builtin |= dist_name == BUILTIN_DISTRIBUTION
-                record = PluginRecord(ep.name, "entry point", dist_name,
-                                      dist.version if dist is not None else None)
                 if any(p.name == ep.name for p in self.plugins):
                     continue  # the same distribution seen twice on sys.path
-                self._register_module(ep.name, record, ep.load)
+                self._register_module(PluginRecord(ep.name, "entry point", dist_name,
+                                                   dist.version if dist is not None else None),
+                                      ep.load)
         if not found_builtin:
             for name, module in BUILTIN_PLUGINS.items():
                 record = PluginRecord(name, "built-in", BUILTIN_DISTRIBUTION, _own_version())
-                self._register_module(name, record, lambda m=module: importlib.import_module(m))
+                self._register_module(record, lambda m=module: importlib.import_module(m))
 
-    def _collect_backends(self) -> None:
-        for impl in self.manager.hook.bf_register_backends.get_hookimpls():
-            def register(backend, _plugin=impl.plugin_name):
-                self.add_backend(backend, _plugin)
+    def _add_extension_hookspecs(self) -> None:
+        """Hookspec modules other packages of the project advertise (the benchmark's)."""
+        if not self._load_entry_points:
+            return
+        for ep in metadata.entry_points(group=hookspecs.HOOKSPEC_GROUP):
             try:
-                impl.function(register=register)
+                self.add_hookspecs(ep.load())
             except Exception as exc:
-                self._mark_failed(impl.plugin_name, exc)
+                warnings.warn(f"beyondfacial hookspecs {ep.value!r} failed to load: {exc}",
+                              PluginLoadWarning, stacklevel=3)
 
-    def _mark_failed(self, plugin_name: str, exc: Exception) -> None:
-        error = f"{type(exc).__name__}: {exc}"
-        for record in self.plugins:
-            if record.name == plugin_name:
-                record.status, record.error = "failed", error
-        warnings.warn(f"beyondfacial plugin {plugin_name!r} failed to register: {error}",
-                      PluginLoadWarning, stacklevel=3)
+    def add_hookspecs(self, module: Any) -> None:
+        """Add hook specifications (once), e.g. the benchmark's ``bf_register_metrics``."""
+        caller = getattr(self.manager.hook, _first_hook_name(module), None)
+        if caller is None or not caller.has_spec():
+            self.manager.add_hookspecs(module)
+
+    def validate_hooks(self) -> None:
+        """``check_pending``: a plugin implementing a hook no spec names (a misspelling) is
+        marked failed, naming the hook, and unregistered."""
+        while True:
+            try:
+                self.manager.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                name = self.manager.get_name(exc.plugin) or str(exc.plugin)
+                self._mark_failed(name, exc, "check_pending")
+
+    def _collect(self, only: str | None = None) -> None:
+        """Hosts, then backends, from every plugin (or from plugin ``only``)."""
+        for hook, adder in (("bf_register_hosts", self._host_adder),
+                            ("bf_register_backends", self._backend_adder)):
+            for _ in self.call_each(hook, only=only, per_plugin=adder):
+                pass
+
+    def _host_adder(self, plugin: str) -> dict[str, Any]:
+        return {"register": lambda host: self.add_host(host, plugin)}
+
+    def _backend_adder(self, plugin: str) -> dict[str, Any]:
+        return {"register": lambda backend: self.add_backend(backend, plugin)}
 
     def ensure_loaded(self) -> PluginRegistry:
         with self._lock:
             if not self._loaded:
                 self._loaded = True
+                self._add_extension_hookspecs()
                 self._discover()
-                self._collect_backends()
+                self.validate_hooks()
+                self._collect()
         return self
+
+    # -- calling hooks, isolated per plugin --------------------------------------------------
+    def call_each(self, hook: str, *, only: str | None = None,
+                  per_plugin: Callable[[str], dict[str, Any]] | None = None,
+                  **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        """Call ``hook`` one plugin at a time, in pluggy's order (the newest first), yielding
+        (plugin name, its result); a plugin that raises is marked failed and skipped.
+        ``only``: call that plugin alone; ``per_plugin(name)``: keywords for its call."""
+        caller = getattr(self.manager.hook, hook)
+        names = [impl.plugin_name for impl in reversed(caller.get_hookimpls())]
+        for name in names:
+            if self.manager.get_plugin(name) is None or only not in (None, name):
+                continue  # unregistered by an earlier failure, or not the one asked for
+            others = [p for n, p in self.manager.list_name_plugin() if n != name]
+            one = self.manager.subset_hook_caller(hook, remove_plugins=others)
+            try:
+                result = one(**{**kwargs, **(per_plugin(name) if per_plugin else {})})
+            except Exception as exc:  # never let one plugin take the call down
+                self._mark_failed(name, exc, hook)
+                continue
+            yield name, result
+
+    def _mark_failed(self, plugin_name: str, exc: BaseException, hook: str) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        record = next((p for p in self.plugins if p.name == plugin_name), None)
+        if record is None:
+            record = PluginRecord(plugin_name, "in-process")
+            self.plugins.append(record)
+        record.status, record.error, record.hook = "failed", error, hook
+        if self.manager.get_plugin(plugin_name) is not None:
+            self.manager.unregister(name=plugin_name)
+        self._backends = {k: v for k, v in self._backends.items() if v.plugin != plugin_name}
+        self._hosts = {k: v for k, v in self._hosts.items() if v.plugin != plugin_name}
+        warnings.warn(f"beyondfacial plugin {plugin_name!r} failed in {hook} and was skipped: "
+                      f"{error}", PluginLoadWarning, stacklevel=4)
 
     # -- in-process registration ------------------------------------------------------------
     def register_plugin(self, plugin: Any, name: str | None = None) -> str:
@@ -158,35 +255,87 @@ class PluginRegistry:
         self.ensure_loaded()
         name = self.manager.register(plugin, name=name)
         self.plugins.append(PluginRecord(name, "in-process"))
-        hook = getattr(plugin, "bf_register_backends", None)
-        if hook is not None:
-            try:
-                hook(register=lambda backend: self.add_backend(backend, name))
-            except Exception as exc:
-                self._mark_failed(name, exc)
+        self.validate_hooks()
+        if self.manager.get_plugin(name) is not None:  # else refused, and recorded as failed
+            self._collect(only=name)
         return name
 
     def unregister_plugin(self, name: str) -> None:
-        """Undo ``register_plugin``: the plugin and every backend it registered go away."""
-        self.manager.unregister(name=name)
+        """Undo ``register_plugin``: the plugin and everything it registered go away."""
+        if self.manager.get_plugin(name) is not None:
+            self.manager.unregister(name=name)
         self.plugins = [p for p in self.plugins if p.name != name]
         self._backends = {k: v for k, v in self._backends.items() if v.plugin != name}
+        self._hosts = {k: v for k, v in self._hosts.items() if v.plugin != name}
+
+    def _record(self, plugin: str) -> PluginRecord | None:
+        return next((p for p in self.plugins if p.name == plugin), None)
+
+    def _owner(self, plugin: str) -> str:
+        """The distribution (or plugin name) that owns ``plugin``, for messages and choices."""
+        record = self._record(plugin)
+        return (record.distribution if record and record.distribution else plugin)
+
+    def add_host(self, host: Any, plugin: str) -> None:
+        missing = _missing_attributes(host, _HOST_ATTRIBUTES)
+        if missing:
+            raise TypeError(f"host {host!r} has no {missing}; see bf_core.hosts.Host")
+        if host.name in self._hosts:
+            other = self._hosts[host.name].plugin
+            raise ValueError(f"host name {host.name!r} is registered by both {other!r} and "
+                             f"{plugin!r}; block one with {BLOCK_ENV}")
+        self._hosts[host.name] = Registered(host, plugin)
 
     def add_backend(self, backend: Any, plugin: str) -> None:
-        for attribute in ("name", "recognizes", "open_session"):
-            if not hasattr(backend, attribute):
-                raise TypeError(f"backend {backend!r} has no {attribute!r}; see bf_core.Backend")
-        if backend.name in self._backends:
-            other = self._backends[backend.name].plugin
-            raise ValueError(f"backend name {backend.name!r} is registered by both {other!r} and "
-                             f"{plugin!r}; block one with {BLOCK_ENV}")
-        self._backends[backend.name] = BackendRecord(backend, plugin)
+        """Register ``backend``; a name collision keeps the chosen (else built-in, else first)
+        one and warns, naming both distributions."""
+        missing = _missing_attributes(backend, _BACKEND_ATTRIBUTES)
+        if missing:
+            raise TypeError(f"backend {backend!r} has no {missing}; see bf_core.Backend")
+        new = Registered(backend, plugin)
+        current = self._backends.get(backend.name)
+        if current is None and not self._refused_reserved(backend.name, plugin):
+            self._backends[backend.name] = new
+            return
+        if current is not None:
+            self._backends[backend.name] = self._collision_winner(backend.name, current, new)
+
+    def _refused_reserved(self, name: str, plugin: str) -> bool:
+        record = self._record(plugin)
+        if name not in RESERVED_BACKEND_NAMES or (record and record.builtin) \
+                or self.choices.get(name) in (plugin, self._owner(plugin)):
+            return False
+        warnings.warn(f"backend name {name!r} is reserved for beyondfacial's built-in backend; "
+                      f"the one from {self._owner(plugin)!r} was refused. To use it instead, "
+                      f"set {CHOICE_ENV}={name}={self._owner(plugin)}", PluginLoadWarning,
+                      stacklevel=4)
+        return True
+
+    def _collision_winner(self, name: str, current: Registered, new: Registered) -> Registered:
+        chosen = self.choices.get(name)
+        for candidate in (current, new):
+            if chosen in (candidate.plugin, self._owner(candidate.plugin)):
+                return candidate
+        builtin = [c for c in (current, new) if (r := self._record(c.plugin)) and r.builtin]
+        winner = builtin[0] if builtin else current
+        loser = new if winner is current else current
+        warnings.warn(f"backend name {name!r} is registered by both {self._owner(current.plugin)!r} "
+                      f"and {self._owner(new.plugin)!r}; using {self._owner(winner.plugin)!r} and "
+                      f"refusing the other. To choose, set "
+                      f"{CHOICE_ENV}={name}={self._owner(loser.plugin)}", PluginLoadWarning,
+                      stacklevel=5)
+        return winner
 
     # -- queries ----------------------------------------------------------------------------
     def backends(self) -> dict[str, Any]:
         """Installed backends by name."""
         self.ensure_loaded()
-        return {name: record.backend for name, record in self._backends.items()}
+        return {name: record.item for name, record in self._backends.items()}
+
+    def hosts(self) -> dict[str, Any]:
+        """Installed hosts by name."""
+        self.ensure_loaded()
+        return {name: record.item for name, record in self._hosts.items()}
 
     def backend_plugin(self, name: str) -> str:
         self.ensure_loaded()
@@ -200,31 +349,59 @@ class PluginRegistry:
                 "Run `beyondfacial backends` to see plugins that failed to load.")
         return backends[name]
 
-    def backend_for_pipeline(self, pipe: Any) -> Any:
+    def host_for_pipeline(self, pipe: Any) -> Any:
+        """The host family of ``pipe``."""
+        for host in self.hosts().values():
+            if _safe_recognizes(host, pipe, "host"):
+                return host
+        raise self._unsupported(pipe, "host")
+
+    def backend_for_pipeline(self, pipe: Any, host: Any | None = None) -> Any:
         """The backend that serves ``pipe``: plugins may decide, else the best recogniser."""
-        backends = self.backends()
-        candidates = sorted((b for b in backends.values() if _safe_recognizes(b, pipe)),
-                            key=lambda b: -getattr(b, "priority", 0))
+        host = host or self.host_for_pipeline(pipe)
+        candidates = sorted((b for b in self.backends().values()
+                             if host.name in b.hosts and _safe_recognizes(b, pipe, "backend")),
+                            key=lambda b: -b.priority)
         names = [b.name for b in candidates]
-        chosen = self.manager.hook.bf_backend_for_pipeline(pipe=pipe, candidates=names)
-        if chosen is not None:
-            return self.get_backend(chosen)
+        for _, chosen in self.call_each("bf_backend_for_pipeline", pipe=pipe, candidates=names):
+            if chosen is not None:
+                return self.get_backend(chosen)
         if candidates:
             return candidates[0]
-        lines = [f"  - {name}: {getattr(b, 'recognizes_description', 'no description')}"
-                 for name, b in sorted(backends.items())]
-        raise UnsupportedPipelineError(
-            f"no installed beyondfacial backend can serve a {type(pipe).__name__}. "
-            "Installed backends and what each recognises:\n" + "\n".join(lines) +
-            "\nPass a diffusers SDXL pipeline set up for one of these methods, or name a backend "
-            "with wrap(pipe, backend=...).")
+        raise self._unsupported(pipe, "backend")
+
+    def _unsupported(self, pipe: Any, missing: str) -> UnsupportedPipelineError:
+        """The error for a pipeline no host (or backend) serves: what each one recognises."""
+        backends = "\n".join(f"  - {name}: {b.recognizes_description}"
+                             for name, b in sorted(self.backends().items()))
+        hosts = "\n".join(f"  - {name}: {h.recognizes_description}"
+                          for name, h in sorted(self.hosts().items()))
+        return UnsupportedPipelineError(
+            f"no installed beyondfacial {missing} can serve a {type(pipe).__name__}. "
+            f"Installed backends and what each recognises:\n{backends}\nBase-model families "
+            f"(hosts):\n{hosts}\nPass a diffusers SDXL pipeline set up for one of these "
+            "methods, or name a backend with wrap(pipe, backend=...).")
+
+    def extras(self, name: str) -> Any | None:
+        """The ``BackendExtras`` a plugin gives for backend ``name``, or None."""
+        self.ensure_loaded()
+        for _, extras in self.call_each("bf_backend_extras", backend=name):
+            if extras is not None:
+                return extras
+        return None
 
 
-def _safe_recognizes(backend: Any, pipe: Any) -> bool:
+def _first_hook_name(module: Any) -> str:
+    """The name of one hook a hookspec module specifies (to add the module only once)."""
+    marker = f"{hookspecs.PROJECT_NAME}_spec"
+    return next((name for name in dir(module) if hasattr(getattr(module, name), marker)), "")
+
+
+def _safe_recognizes(item: Any, pipe: Any, kind: str) -> bool:
     try:
-        return bool(backend.recognizes(pipe))
+        return bool(item.recognizes(pipe))
     except Exception as exc:
-        warnings.warn(f"backend {backend.name!r} failed while inspecting the pipeline: {exc}",
+        warnings.warn(f"{kind} {item.name!r} failed while inspecting the pipeline: {exc}",
                       PluginLoadWarning, stacklevel=3)
         return False
 
@@ -254,6 +431,15 @@ def reset_registry() -> None:
     global _registry
     with _registry_lock:
         _registry = None
+
+
+def choose_backend(name: str, distribution: str) -> None:
+    """Make ``distribution``'s backend serve ``name`` when several register it (as
+    ``BEYONDFACIAL_BACKEND_CHOICE`` does); plugins load again on next use."""
+    reset_registry()
+    global _registry
+    with _registry_lock:
+        _registry = PluginRegistry(choices={name: distribution})
 
 
 def register_plugin(plugin: Any, name: str | None = None) -> str:

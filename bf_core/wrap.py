@@ -1,8 +1,9 @@
 """``wrap(pipe)``: the user's diffusers pipeline, drawing whole people in whole scenes.
 
-The wrapper changes nothing on the pipeline when it is created. Each call opens a backend
-session that switches adapters and processors per line and restores all of it when the
-call returns or raises, so ``wrapper.pipe`` is always the user's pipeline, as it was.
+The wrapper changes nothing on the pipeline when it is created. Each call opens a host
+call (the base model's side) and a backend session, which switches adapters and
+processors per line and registers their restore; all of it is put back when the call
+returns or raises, so ``wrapper.pipe`` is always the user's pipeline, as it was.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from bf_core.config import BFConfig
-from bf_core.errors import ConfigError
+from bf_core.errors import ConfigError, UnsupportedPipelineError
 
 
 class BeyondFacialPipeline:
@@ -24,26 +25,33 @@ class BeyondFacialPipeline:
     the wrapper's config for that call only.
     """
 
-    def __init__(self, pipe: Any, backend: Any, config: BFConfig):
+    def __init__(self, pipe: Any, backend: Any, config: BFConfig, host: Any):
         self.pipe = pipe
         self.backend = backend
         self.config = config
+        self.host = host
 
-    def __call__(self, *args: Any, config: BFConfig | None = None, **kwargs: Any):
+    def __call__(self, *args: Any, config: BFConfig | None = None, id_images: Any = None,
+                 id_prompt: str | None = None, return_fusion_maps: bool = False, **kwargs: Any):
         import torch
 
-        from bf_core import dli
+        from bf_core import loop
+        from bf_core.records import Person
 
         config = config or self.config
         if not isinstance(config, BFConfig):
             raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
         with torch.no_grad():  # as the stock __call__
-            return dli.run(self.pipe, self.backend, config, *args, **kwargs)
+            call = self.host.open_call(self.pipe, args, kwargs)
+            session = self.backend.open_session(call, config)
+            latents, record = loop.run(call, session, config, [Person(id_images, id_prompt)],
+                                       keep_maps=return_fusion_maps)
+            return call.finish(latents, record, self.backend.name)
 
     def with_config(self, **changes: Any) -> BeyondFacialPipeline:
         """A new wrapper of the same pipeline with some BFConfig fields changed."""
         return BeyondFacialPipeline(self.pipe, self.backend,
-                                    dataclasses.replace(self.config, **changes))
+                                    dataclasses.replace(self.config, **changes), self.host)
 
     def unwrap(self) -> Any:
         """The original pipeline (nothing to undo: every call restores what it touched)."""
@@ -56,12 +64,12 @@ class BeyondFacialPipeline:
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (progress-bar config, offload switches, components) is the pipeline's.
-        if name in ("pipe", "backend", "config"):
+        if name in ("pipe", "backend", "config", "host"):
             raise AttributeError(name)
         return getattr(self.pipe, name)
 
     def __repr__(self) -> str:
-        return (f"BeyondFacialPipeline(backend={self.backend.name!r}, "
+        return (f"BeyondFacialPipeline(backend={self.backend.name!r}, host={self.host.name!r}, "
                 f"pipe={type(self.pipe).__name__}, config={self.config!r})")
 
 
@@ -78,11 +86,16 @@ def wrap(pipe: Any, backend: str | None = None, config: BFConfig | None = None) 
     if not isinstance(config, BFConfig):
         raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
     registry = get_registry()
-    chosen = registry.get_backend(backend) if backend else registry.backend_for_pipeline(pipe)
+    host = registry.host_for_pipeline(pipe) if backend is None else None
+    chosen = (registry.get_backend(backend) if backend
+              else registry.backend_for_pipeline(pipe, host))
     if backend and not chosen.recognizes(pipe):
-        from bf_core.errors import UnsupportedPipelineError
-
         raise UnsupportedPipelineError(
             f"backend {backend!r} cannot serve a {type(pipe).__name__}: it needs "
             f"{chosen.recognizes_description}")
-    return BeyondFacialPipeline(pipe, chosen, config)
+    host = host or registry.host_for_pipeline(pipe)
+    if host.name not in chosen.hosts:
+        raise UnsupportedPipelineError(
+            f"backend {chosen.name!r} serves {', '.join(chosen.hosts)} pipelines, but this "
+            f"{type(pipe).__name__} is a {host.name} pipeline")
+    return BeyondFacialPipeline(pipe, chosen, config, host)

@@ -71,11 +71,21 @@ def _check_metric(metric: Any) -> None:
 
 
 def ensure_builtin_metrics(registry: Any) -> None:
-    """Register the built-in metrics plugin in-process unless an entry point already did."""
+    """The metrics hook known to ``registry``, and the built-in metrics plugin registered
+    in-process unless an entry point already did."""
+    from benchmarks import hookspecs
     from benchmarks.metrics import builtin
 
+    registry.add_hookspecs(hookspecs)
     if not any(plugin is builtin for plugin in registry.manager.get_plugins()):
         registry.register_plugin(builtin, name=BUILTIN_PLUGIN_NAME)
+
+
+def _register_checked(collected: list[Any]):
+    def register(metric: Any) -> None:
+        _check_metric(metric)
+        collected.append(metric)
+    return register
 
 
 def installed_metrics(registry: Any | None = None) -> dict[str, Any]:
@@ -86,23 +96,24 @@ def installed_metrics(registry: Any | None = None) -> dict[str, Any]:
     ensure_builtin_metrics(registry)
     found: dict[str, Any] = {}
     owners: dict[str, str] = {}
-    for impl in registry.manager.hook.bf_register_metrics.get_hookimpls():
-        collected: list[Any] = []
-        try:
-            impl.function(register=collected.append)
-            for metric in collected:
-                _check_metric(metric)
-        except Exception as exc:  # a broken plugin must never stop the benchmark
-            warnings.warn(f"metric plugin {impl.plugin_name!r} failed to register and was "
-                          f"skipped: {type(exc).__name__}: {exc}", MetricPluginWarning,
-                          stacklevel=2)
-            continue
-        for metric in collected:
+    per_plugin: dict[str, list[Any]] = {}
+
+    def collector(name: str) -> dict[str, Any]:
+        return {"register": _register_checked(per_plugin.setdefault(name, []))}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        called = list(registry.call_each("bf_register_metrics", per_plugin=collector))
+    for warning in caught:  # a broken plugin must never stop the benchmark
+        warnings.warn(f"metric plugin failed to register and was skipped: {warning.message}",
+                      MetricPluginWarning, stacklevel=2)
+    for name, _ in called:
+        for metric in per_plugin.get(name, []):
             if metric.name in found:
                 raise ValueError(f"metric {metric.name!r} is registered by both "
-                                 f"{owners[metric.name]!r} and {impl.plugin_name!r}; block one "
+                                 f"{owners[metric.name]!r} and {name!r}; block one "
                                  "with BEYONDFACIAL_BLOCK_PLUGINS")
-            found[metric.name], owners[metric.name] = metric, impl.plugin_name
+            found[metric.name], owners[metric.name] = metric, name
     return found
 
 

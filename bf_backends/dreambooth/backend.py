@@ -8,59 +8,67 @@ adapter switched off in the UNet and both text encoders (``BFConfig.semantic_ada
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from bf_core.protocols import GenerationRequest, Line, RowBatch
-from bf_core.rowbatch import row_mask
-from bf_core.sdxl import SDXLSession, has_ip_adapter, is_sdxl_pipeline
-from bf_core.switching import AdapterSwitch
+import torch
+
+from bf_core.config import BFConfig
+from bf_core.hosts import sdxl
+from bf_core.hosts.sdxl import RowBatch, SDXLModel
+from bf_core.records import Identity, Line, LineConditioning
+from bf_core.switching import AdapterSwitch, row_mask
 
 
-class DreamBoothSession(SDXLSession):
+class DreamBoothSession(sdxl.SDXLSession):
     """Per-call state: which adapters each line sees."""
 
-    def setup(self) -> None:
+    def open(self, restore: ExitStack) -> None:
         # Found once per call, reused at every step.
         self.unet_adapters = AdapterSwitch([self.pipe.unet])
-        self.restore_stack.callback(self.unet_adapters.close)
+        restore.callback(self.unet_adapters.close)
         self.text_adapters = AdapterSwitch([self.pipe.text_encoder, self.pipe.text_encoder_2])
 
     @property
     def _semantic_off(self) -> bool:
         return self.config.semantic_adapters == "off"
 
-    @contextmanager
-    def text_state(self, line: Line) -> Iterator[None]:
+    def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
         if line is Line.SEMANTIC and self._semantic_off:
-            with self.text_adapters.disabled():
-                yield
-        else:
-            yield
+            with self.text_adapters.disabled():  # the scene prompt through the base encoders
+                return super().conditioning(line, identity)
+        return super().conditioning(line, identity)
 
     @contextmanager
     def line_state(self, line: Line) -> Iterator[None]:
+        """The UNet's adapters for a one-line batch: off for the semantic line."""
         if line is Line.SEMANTIC and self._semantic_off:
             with self.unet_adapters.disabled():
                 yield
         else:
             yield
 
-    def negative_shareable(self) -> bool:
-        # With adapters on for both lines, the two lines run the very same model.
-        return not self._semantic_off
-
-    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
-        return not self._semantic_off or self.unet_adapters.row_maskable
-
     @contextmanager
-    def row_state(self, batch: RowBatch) -> Iterator[None]:
+    def rows_state(self, batch: RowBatch) -> Iterator[None]:
+        """A merged batch: the adapters on for the ID (and baseline) rows only."""
         if not self._semantic_off:
             yield  # every row runs the same model
             return
         with self.unet_adapters.rows(row_mask(batch, (Line.ID, Line.BASELINE))):
             yield
+
+    def negative_shareable(self) -> bool:
+        # With adapters on for both lines, the two lines run the very same model.
+        return not self._semantic_off
+
+    def supports_row_batching(self, batch: RowBatch) -> bool:
+        return not self._semantic_off or self.unet_adapters.row_maskable
+
+    def predict(self, batch: RowBatch, model: SDXLModel) -> torch.Tensor:
+        state = self.rows_state(batch) if batch.parts else self.line_state(batch.line)
+        with state:
+            return model(batch)
 
 
 class DreamBoothBackend:
@@ -72,24 +80,17 @@ class DreamBoothBackend:
         "prompt trigger (id_prompt) of a LoRA or textual inversion you loaded")
     priority = 0  # the fallback: method-specific backends recognise richer pipelines first
     default_id_prompt = "a photo of sks person"
+    hosts = (sdxl.HOST_NAME,)
+    options = sdxl.ID_LINE_OPTIONS
 
     def recognizes(self, pipe: Any) -> bool:
-        return is_sdxl_pipeline(pipe) and not has_ip_adapter(pipe)
+        return sdxl.is_sdxl_pipeline(pipe) and not sdxl.has_ip_adapter(pipe)
 
-    def open_session(self, pipe: Any, request: GenerationRequest, config: Any) -> DreamBoothSession:
-        return DreamBoothSession(self, pipe, request, config)
+    def open_session(self, call: sdxl.SDXLCall, config: BFConfig) -> DreamBoothSession:
+        return DreamBoothSession(self, call, config)
 
-    def demo_setup(self, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-        """A tiny offline pipeline with a random identity LoRA, and its call keywords."""
-        from bf_core.testing.tiny import add_tiny_lora, tiny_sdxl_pipeline
 
-        pipe = tiny_sdxl_pipeline(seed=seed)
-        add_tiny_lora(pipe, adapter_name="identity", seed=seed)
-        return pipe, {"prompt": "a person is kneeling by a small lake, touching the water",
-                      "id_prompt": self.default_id_prompt}
-
-    def from_pretrained(self, base_model: str, checkpoint: str | None = None, **kwargs: Any):
-        """Build the pipeline from a base SDXL model and an optional identity LoRA file."""
-        from bf_backends.dreambooth.loader import load_dreambooth_pipeline
-
-        return load_dreambooth_pipeline(base_model, checkpoint, **kwargs)
+def benchmark_call_kwargs(identity: Any, images: list) -> dict[str, Any]:
+    """The identity lives in the LoRA and its trigger prompt; the photos only feed the metrics."""
+    id_prompt = identity.option(DreamBoothBackend.name, "id_prompt", identity.id_prompt)
+    return {"id_prompt": id_prompt or DreamBoothBackend.default_id_prompt}

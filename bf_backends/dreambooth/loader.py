@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from bf_core.errors import CheckpointError
-from bf_core.sdxl import load_sdxl_pipeline
+from bf_core.extras import PipelineSetup
+from bf_core.hosts.sdxl import load_sdxl_pipeline
 
 IDENTITY_ADAPTER = "identity"
 
@@ -24,7 +25,12 @@ def load_identity_checkpoint(pipe: Any, checkpoint: str, adapter_name: str = IDE
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{checkpoint}: identity LoRAs are read from .safetensors files only "
                               "(pickled LoRA files are refused: convert them first)")
-    pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{checkpoint}: diffusers could not load it as an SDXL LoRA "
+                              f"({type(exc).__name__}: {exc}). Give a LoRA trained for SDXL in "
+                              "diffusers, kohya or PEFT format.") from exc
 
 
 def load_dreambooth_pipeline(base_model: str, checkpoint: str | None = None, *, torch_dtype=None,
@@ -35,3 +41,10 @@ def load_dreambooth_pipeline(base_model: str, checkpoint: str | None = None, *, 
     if checkpoint:
         load_identity_checkpoint(pipe, checkpoint, token=token)
     return pipe
+
+
+def load_pipeline_setup(base_model: str, checkpoint: str | None, *, torch_dtype=None,
+                        device: str | None = None) -> PipelineSetup:
+    """``BackendExtras.load_pipeline``: the base model with the identity LoRA, if given."""
+    return PipelineSetup(load_dreambooth_pipeline(base_model, checkpoint, torch_dtype=torch_dtype,
+                                                  device=device))

@@ -13,9 +13,9 @@ Lines (spec ``instantid.md``; decisions in ``docs/backends/instantid.md``):
 * ``T_id``: the 16 projected ID tokens (1, 16, D); negative: the projection of a zero
   embedding, the official negative branch.
 
-Row batching (both lines in one UNet call, ``bf_core.rowbatch``): the processors run at the
-ID scale for the whole merged batch and the rows whose ID attention is off get zero ID
-tokens; through the bias-free ``to_k_ip``/``to_v_ip`` these give zero keys and values, so
+Row batching (both lines in one UNet call, ``bf_core.hosts.sdxl.merge_row_batches``): the
+processors run at the ID scale for the whole merged batch and the rows whose ID attention
+is off get zero ID tokens; through the bias-free ``to_k_ip``/``to_v_ip`` these give zero keys and values, so
 the ID branch adds exactly 0, the same as scale 0. IdentityNet runs on the ID rows only
 (the very call the separate path makes) and the semantic rows get zero residuals
 (x + 0 == x). The official form reads the ID tokens off the end of the context and cannot
@@ -27,9 +27,9 @@ and put back when it closes, also after an exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,19 +39,17 @@ from bf_backends.instantid.control import (
     control_image_tensor,
     reference_keypoint_image,
 )
-from bf_backends.instantid.encoder import (
-    InstantIDEncoder,
-    build_face_analyzer,
-    find_instantid_parts,
-)
+from bf_backends.instantid.encoder import InstantIDEncoder, ReferenceFace
 from bf_backends.instantid.keypoints import draw_kps
-from bf_backends.instantid.loader import ID_TOKEN_COUNT
+from bf_backends.instantid.loader import ID_TOKEN_COUNT, build_face_analyzer, find_instantid_parts
 from bf_backends.instantid.state import preserved_attention_state
-from bf_core.dli import guidance_rescale_of, guide
+from bf_core.config import BFConfig
 from bf_core.errors import ConfigError, UnsupportedPipelineError
-from bf_core.protocols import GenerationRequest, Identity, Line, RowBatch
-from bf_core.rowbatch import split_rows
-from bf_core.sdxl import SDXLSession, is_sdxl_pipeline
+from bf_core.hosts.sdxl import HOST_NAME, ID_LINE_OPTIONS, SDXLSession, is_sdxl_pipeline
+from bf_core.records import Identity, Line, LineConditioning, SemanticPreview
+
+if TYPE_CHECKING:
+    from bf_core.hosts.sdxl import RowBatch, SDXLCall, SDXLModel
 
 DEFAULT_CONDITIONING_SCALE = 0.8  # IdentityNet strength of infer.py and the demo
 
@@ -70,8 +68,7 @@ OPTIONS = {
     "face_model_root": "insightface root folder",
     "face_providers": "onnxruntime execution providers",
     "face_policy": "'largest' (default), 'highest_score' or 'error' for several faces",
-    "id_negative_prompt": "the ID line's negative prompt (default: the user's)",
-    "id_negative_prompt_2": "the ID line's second negative prompt",
+    **ID_LINE_OPTIONS,
 }
 _ALIASES = {"image": "kps", "image_embeds": "face_embeds"}
 
@@ -104,16 +101,22 @@ class _PrecomputedImageTokens(torch.nn.Module):
 
 
 class InstantIDSession(SDXLSession):
-    """One call on an InstantID pipeline: lines, IdentityNet, keypoints, restore."""
+    """One call on an InstantID pipeline: lines, IdentityNet, keypoints, restore.
 
-    def __init__(self, backend: Any, pipe: Any, request: GenerationRequest, config: Any):
-        super().__init__(backend, pipe, request, config)
-        parts = find_instantid_parts(pipe)
+    The identity reaches the session through ``conditioning`` (the loop asks for the
+    semantic or baseline line's first, with the person's identity) and is kept for
+    ``predict``: its tokens feed the ID attention and IdentityNet, its reference face the
+    keypoint image.
+    """
+
+    def __init__(self, backend: InstantIDBackend, call: SDXLCall, config: BFConfig):
+        super().__init__(backend, call, config)
+        parts = find_instantid_parts(self.pipe)
         if parts is None:
-            raise UnsupportedPipelineError(f"{type(pipe).__name__} is not set up for InstantID: "
-                                           f"{backend.recognizes_description}")
+            raise UnsupportedPipelineError(f"{type(self.pipe).__name__} is not set up for "
+                                           f"InstantID: {backend.recognizes_description}")
         self.parts = parts
-        self.options = normalise_options(request.backend_options)
+        self.options = normalise_options(self.request.backend_options)
         self.kps = check_kps_option(self.options.get("kps", "auto"))
         self.conditioning_scale = float(self.options.get("controlnet_conditioning_scale",
                                                          DEFAULT_CONDITIONING_SCALE))
@@ -124,13 +127,14 @@ class InstantIDSession(SDXLSession):
                               f"{self.guidance_window}.")
         self.encoder = InstantIDEncoder(self)
         self.id_scales: list = []
+        self.identity: Identity | None = None
         self._control_cache: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._auto: AutoKeypoints | None = None
 
     # -- state -----------------------------------------------------------------------------
-    def setup(self) -> None:
+    def open(self, restore: ExitStack) -> None:
         unet = self.pipe.unet
-        self.restore_stack.enter_context(preserved_attention_state(unet))
+        restore.enter_context(preserved_attention_state(unet))
         given = self.options.get("ip_adapter_scale")
         for proc in self.parts.ip_processors:
             if given is None:
@@ -151,49 +155,54 @@ class InstantIDSession(SDXLSession):
     def _attention_on(self, line: Line) -> bool:
         return line is not Line.SEMANTIC or self.config.semantic_adapters == "on"
 
-    @contextmanager
-    def line_state(self, line: Line) -> Iterator[None]:
-        self._set_scales(self._attention_on(line))
-        yield
-
-    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
+    def supports_row_batching(self, batch: RowBatch) -> bool:
         """Native form: always (padding is masked). Official form: only for equal context
         lengths, since its processors take the last 16 context tokens as ID tokens and apply
         the attention mask to the whole context, so a padding mask cannot be made exact.
         """
         if self.parts.form == "native":
             return True
-        return len({b.encoder_hidden_states.shape[1] for b in batches}) == 1
-
-    @contextmanager
-    def row_state(self, batch: RowBatch) -> Iterator[None]:
-        """Processors at the ID scale when any row needs the ID attention; the off rows are
-        switched by their zero ID tokens (``unet_forward``), IdentityNet by zero residuals.
-        Scales are plain state restored when the session closes, also after an exception."""
-        self._set_scales(any(self._attention_on(line) for line in batch.row_lines))
-        yield
+        return len({part.encoder_hidden_states.shape[1] for part in batch.parts}) == 1
 
     # -- identity ----------------------------------------------------------------------------
     def reference_analyzer(self):
         return self.backend.face_analyzer(self.options)
 
-    def identity(self) -> Identity:
-        """The encoded identity (also for the baseline line, where the core encodes nothing)."""
-        return self.encoder.encode(self.request.id_images, self.id_prompt, self.request)
+    def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
+        self.identity = identity
+        if line is Line.SEMANTIC:  # the method is on: kps='auto' will place the keypoints
+            self._start_auto_keypoints(identity.state["reference"])
+        return super().conditioning(line, identity)
+
+    def _start_auto_keypoints(self, reference: ReferenceFace) -> None:
+        """Set up kps='auto', which reads the semantic line's preview at step M1."""
+        if self._auto is not None or not (isinstance(self.kps, str) and self.kps == "auto"):
+            return
+        if reference.kps is None:
+            raise ConfigError("kps='auto' moves the reference face's keypoints, but only "
+                              "face_embeds were given: pass id_images too, or choose "
+                              "kps='none' or your own (5, 2) keypoints.")
+        detector = self.options.get("preview_face_analyzer") or self.reference_analyzer()
+        self._auto = AutoKeypoints(detector, reference)
+
+    def observe_preview(self, preview: SemanticPreview) -> None:
+        """kps='auto': place the reference keypoints on the step-M1 preview, once."""
+        if self._auto is not None:
+            request = self.request
+            self._auto.observe(preview, request.num_rows, request.height, request.width)
 
     def _tokens(self, batch: RowBatch, identity_on: bool) -> torch.Tensor:
         """ID tokens for the batch's rows, blocked like the text: [neg x R; pos x R]."""
-        per_branch = batch.rows // len(batch.branches)
         unet = self.pipe.unet
         if not identity_on:
             return torch.zeros(batch.rows, ID_TOKEN_COUNT, unet.config.cross_attention_dim,
                                dtype=batch.encoder_hidden_states.dtype,
                                device=batch.encoder_hidden_states.device)
-        identity = self.identity()
+        identity = self.identity
         blocks = []
         for branch in batch.branches:
             tokens = identity.negative_tokens if branch == "uncond" else identity.tokens
-            blocks.append(tokens.expand(per_branch, -1, -1))
+            blocks.append(tokens.expand(batch.rows_per_branch, -1, -1))
         return torch.cat(blocks).to(batch.encoder_hidden_states.device)
 
     # -- IdentityNet ---------------------------------------------------------------------------
@@ -212,7 +221,9 @@ class InstantIDSession(SDXLSession):
     def _auto_control(self, step: int, rows: int):
         """(R, 3, H, W) placed keypoint images and an (R,) keep mask, or (None, None)."""
         if "auto" not in self._control_cache:
-            images = self._auto.resolve(step, rows, self.request.height, self.request.width)
+            images = self._auto.images
+            if images is None:  # no preview reached the session (the loop always sends one)
+                images = self._auto.missing(step, rows)
             if all(image is None for image in images):
                 self._control_cache["auto"] = (None, None)
             else:
@@ -234,8 +245,8 @@ class InstantIDSession(SDXLSession):
                 return None, None
             if mode == "reference":
                 return self._fixed_control("reference", reference_keypoint_image(
-                    self.identity().state["reference"]))
-            return self._auto_control(batch.step_index, batch.rows // len(batch.branches))
+                    self.identity.state["reference"]))
+            return self._auto_control(batch.step_index, batch.rows_per_branch)
         if hasattr(mode, "convert"):
             return self._fixed_control("image", mode)
         return self._fixed_control("points", draw_kps((self.request.width, self.request.height),
@@ -249,7 +260,7 @@ class InstantIDSession(SDXLSession):
         control, mask = self._control(batch)
         if control is None:
             return {}
-        per_branch = batch.rows // len(batch.branches)
+        per_branch = batch.rows_per_branch
         controlnet = self.parts.controlnet
         if control.shape[0] != per_branch:
             control = control.expand(per_branch, -1, -1, -1)
@@ -297,62 +308,25 @@ class InstantIDSession(SDXLSession):
         mid = torch.cat([r["mid_block_additional_residual"] for r in filled])
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-    def unet_forward(self, batch: RowBatch) -> torch.Tensor:
-        """One UNet call for a line's batch or a merged batch (``batch.parts``, one per line)."""
+    def predict(self, batch: RowBatch, model: SDXLModel) -> torch.Tensor:
+        """One UNet call for a line's batch or a merged batch (``batch.parts``, one per line).
+
+        The processors run at the ID scale when any row needs the ID attention; the off rows
+        are switched by their zero ID tokens, IdentityNet by zero residuals. Scales are plain
+        state restored when the session closes, also after an exception.
+        """
         parts = batch.parts or (batch,)
+        self._set_scales(any(self._attention_on(line) for line in batch.lines))
         part_tokens = [self._tokens(part, self._attention_on(part.line)) for part in parts]
         residuals = self._merged_residuals(parts, part_tokens)
         tokens = torch.cat(part_tokens) if len(part_tokens) > 1 else part_tokens[0]
-        added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
-        context = batch.encoder_hidden_states
-        extra: dict[str, Any] = {}
-        if batch.encoder_attention_mask is not None:  # native form only (supports_row_batching)
-            extra["encoder_attention_mask"] = batch.encoder_attention_mask
         if self.parts.form == "native":
-            added["image_embeds"] = [tokens[:, None]]  # (rows, 1 image, 16, D)
-        else:  # official processors read the last 16 context tokens as ID tokens
-            context = torch.cat([context, tokens.to(context.dtype)], dim=1)
-        return self.pipe.unet(
-            batch.sample, batch.timestep, encoder_hidden_states=context,
-            timestep_cond=batch.timestep_cond, cross_attention_kwargs=batch.cross_attention_kwargs,
-            added_cond_kwargs=added, return_dict=False, **residuals, **extra)[0]
-
-    def _start_auto_keypoints(self, batches: Sequence[RowBatch]) -> None:
-        """Set up kps='auto' the first time the semantic line runs (alone or merged)."""
-        if self._auto is not None or not (isinstance(self.kps, str) and self.kps == "auto") \
-                or not self.config.enabled:
-            return
-        if not any(part.line is Line.SEMANTIC for b in batches for part in (b.parts or (b,))):
-            return
-        reference = self.identity().state["reference"]
-        if reference.kps is None:
-            raise ConfigError("kps='auto' moves the reference face's keypoints, but only "
-                              "face_embeds were given: pass id_images too, or choose "
-                              "kps='none' or your own (5, 2) keypoints.")
-        detector = self.options.get("preview_face_analyzer") or self.reference_analyzer()
-        self._auto = AutoKeypoints(self.pipe, detector, reference)
-
-    def _observe_semantic(self, batch: RowBatch, output: torch.Tensor) -> None:
-        """Hand kps='auto' the semantic rows' guided prediction (a merged batch is split)."""
-        pieces = split_rows(output, batch) if batch.parts else [output]
-        for part, piece in zip(batch.parts or (batch,), pieces, strict=True):
-            if part.line is not Line.SEMANTIC:
-                continue
-            per_branch = part.rows // len(part.branches)
-            guided = guide(piece, len(part.branches) == 2, self.pipe.guidance_scale,
-                           guidance_rescale_of(self.pipe))[0]
-            self._auto.observe(part.step_index, part.sample[:per_branch], guided, part.timestep)
-
-    def predict_noise(self, batches: Sequence[RowBatch]) -> list[torch.Tensor]:
-        self._start_auto_keypoints(batches)
-        outputs = []
-        for batch in batches:
-            # A merged batch's ID rows read step M1's estimate, observed a step earlier.
-            with self.batch_state(batch):
-                outputs.append(self.unet_forward(batch))
-            if self._auto is not None:
-                self._observe_semantic(batch, outputs[-1])
-        return outputs
+            return model(batch, added_cond={"image_embeds": [tokens[:, None]]}, **residuals)
+        # The official processors read the last 16 context tokens as ID tokens; a merged
+        # batch has no padding mask here (supports_row_batching).
+        context = batch.encoder_hidden_states
+        return model(batch, context=torch.cat([context, tokens.to(context.dtype)], dim=1),
+                     **residuals)
 
 
 class InstantIDBackend:
@@ -365,6 +339,8 @@ class InstantIDBackend:
         "StableDiffusionXLInstantIDPipeline after load_ip_adapter_instantid")
     priority = 30  # above IP-Adapter: an InstantID UNet also carries IP-Adapter processors
     default_id_prompt = "a person"
+    hosts = (HOST_NAME,)
+    options = OPTIONS
 
     def __init__(self) -> None:
         self._analyzers: dict[Any, Any] = {}
@@ -377,8 +353,8 @@ class InstantIDBackend:
         except ConfigError:  # InstantID-shaped but with extra ControlNets: say so at call time
             return True
 
-    def open_session(self, pipe: Any, request: GenerationRequest, config: Any) -> InstantIDSession:
-        return InstantIDSession(self, pipe, request, config)
+    def open_session(self, call: SDXLCall, config: BFConfig) -> InstantIDSession:
+        return InstantIDSession(self, call, config)
 
     def face_analyzer(self, options: dict[str, Any]):
         """The reference-photo analyser for these options, built once per backend."""
@@ -390,61 +366,13 @@ class InstantIDBackend:
             self._analyzers[key] = build_face_analyzer(options)
         return self._analyzers[key]
 
-    def from_pretrained(self, base_model: str, ip_adapter: str, identitynet: str, **kwargs: Any):
-        """An InstantID pipeline from a base SDXL model, ``ip-adapter.bin`` and IdentityNet."""
-        from bf_backends.instantid.loader import load_instantid_pipeline
 
-        return load_instantid_pipeline(base_model, ip_adapter, identitynet, **kwargs)
-
-    # -- the benchmark protocol (docs/benchmark.md, "Backend protocol") ------------------------
-    # The session reads its face analyser from the call options only, so the analyser of the
-    # last benchmark pipeline built here is kept on the backend and handed to each call.
-    _benchmark_face_analyzer: Any = None
-
-    def benchmark_tiny_pipeline(self, seed: int = 0):
-        """The tiny offline InstantID pipeline, with a random antelopev2 pack that finds a
-        face in every photo as the analyser of the benchmark's calls."""
-        import tempfile
-        from pathlib import Path
-
-        from bf_backends.instantid.testing import face_pack, tiny_pipeline
-        from bf_core.faces import FaceAnalyzer
-
-        folder = Path(tempfile.mkdtemp(prefix="beyondfacial-bench-antelopev2-"))
-        pack = face_pack(folder / "antelopev2", finds_faces=True, seed=seed)
-        self._benchmark_face_analyzer = FaceAnalyzer(str(pack), det_size=(128, 128),
-                                                     providers=["CPUExecutionProvider"])
-        return tiny_pipeline(seed=seed)
-
-    def benchmark_pipeline(self, base_model: str, checkpoint: str | None, *,
-                           torch_dtype: Any = None, device: str | None = None):
-        """``checkpoint`` is a folder holding ``ip-adapter.bin`` and ``ControlNetModel/``
-        (InstantX/InstantID's layout), and optionally the ``antelopev2/`` face pack; without
-        it the pack is looked up in insightface's default root."""
-        from pathlib import Path
-
-        folder = Path(checkpoint) if checkpoint else None
-        if folder is None or not (folder / "ip-adapter.bin").is_file() \
-                or not (folder / "ControlNetModel").is_dir():
-            raise ConfigError(f"InstantID's benchmark checkpoint must be a folder holding "
-                              f"ip-adapter.bin and ControlNetModel/ (InstantX/InstantID), got "
-                              f"{checkpoint!r}; pass --checkpoint instantid=<that folder>")
-        pipe = self.from_pretrained(base_model, str(folder / "ip-adapter.bin"),
-                                    str(folder / "ControlNetModel"), torch_dtype=torch_dtype)
-        if device:
-            pipe.to(device)
-        pack = folder / "antelopev2"
-        self._benchmark_face_analyzer = (build_face_analyzer({"face_model": str(pack)})
-                                         if pack.is_dir() else None)
-        return pipe
-
-    def benchmark_call_kwargs(self, identity: Any, images: list) -> dict[str, Any]:
-        """The photos, ``id_prompt`` when the identity sets one, and the benchmark
-        pipeline's face analyser when it has its own."""
-        kwargs: dict[str, Any] = {"id_images": images}
-        id_prompt = identity.option(self.name, "id_prompt", identity.id_prompt)
-        if id_prompt:
-            kwargs["id_prompt"] = id_prompt
-        if self._benchmark_face_analyzer is not None:
-            kwargs["face_analyzer"] = self._benchmark_face_analyzer
-        return kwargs
+# -- the benchmark's view (BackendExtras) ------------------------------------------------------
+def benchmark_call_kwargs(identity: Any, images: list) -> dict[str, Any]:
+    """The photos, and ``id_prompt`` when the identity sets one (its InstantID option, else
+    its shared one). A pipeline's own face analyser comes with its set-up's options."""
+    kwargs: dict[str, Any] = {"id_images": images}
+    id_prompt = identity.option(InstantIDBackend.name, "id_prompt", identity.id_prompt)
+    if id_prompt:
+        kwargs["id_prompt"] = id_prompt
+    return kwargs

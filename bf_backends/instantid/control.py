@@ -6,9 +6,10 @@
   reference photo's canvas, then resized to the output size. It fixes a large, centred
   face, which is what pulls InstantID towards close-ups.
 * ``"auto"`` (default with BeyondFacial on; our extension, not in the paper): at step M1,
-  the last step before the ID line starts, the semantic line's x0 estimate is decoded to
-  a preview, a face is detected there, and the reference keypoints are moved into that
-  face box by a similarity transform (uniform scale + shift, the face keeps its shape).
+  the last step before the ID line starts, a face is detected in the host's preview of
+  the semantic line's x0 estimate (``SemanticPreview``), and the reference keypoints are
+  moved into that face box by a similarity transform (uniform scale + shift, the face
+  keeps its shape).
   Marker sizes scale with the move, so the drawing is the reference drawing, moved. An
   image whose preview shows no face gets no IdentityNet residuals (logged). With
   BeyondFacial off, ``"auto"`` means ``"reference"``: the baseline is the official method.
@@ -34,6 +35,7 @@ from bf_backends.instantid.keypoints import (
     keypoints_into_box,
 )
 from bf_core.errors import ConfigError
+from bf_core.records import SemanticPreview
 
 logger = logging.getLogger(__name__)
 
@@ -94,32 +96,6 @@ def placed_keypoint_image(reference, target_box: Sequence[float], size: tuple[in
                     limb_half_width=max(1, round(LIMB_HALF_WIDTH * scale)))
 
 
-def x0_estimate(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: float,
-                prediction_type: str) -> torch.Tensor:
-    """The clean-latent estimate from a guided prediction, (R, C, h, w) -> (R, C, h, w).
-
-    ``sample`` is the scheduler-scaled model input, which is in variance-preserving form
-    (x_in = sqrt(a) x0 + sqrt(1 - a) eps) for DDIM-like and Euler-like schedulers alike.
-    """
-    a = torch.tensor(alpha_bar, dtype=torch.float32)
-    x_in, out = sample.float(), model_output.float()
-    if prediction_type == "epsilon":
-        return (x_in - (1 - a).sqrt() * out) / a.sqrt()
-    if prediction_type == "v_prediction":
-        return a.sqrt() * x_in - (1 - a).sqrt() * out
-    raise ConfigError(f"kps='auto' cannot read a scheduler with prediction_type "
-                      f"{prediction_type!r}; use kps='reference' or 'none'.")
-
-
-def alpha_bar_at(scheduler: Any, timestep: torch.Tensor) -> float | None:
-    """The scheduler's cumulative alpha at ``timestep``, or None if it keeps none."""
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        return None
-    index = int(torch.as_tensor(timestep).float().round().clamp(0, len(alphas) - 1))
-    return float(alphas[index])
-
-
 def largest_box(faces: Sequence[Any]):
     """The box of the largest detected face (InstantID's area rule), or None."""
     if not faces:
@@ -128,55 +104,50 @@ def largest_box(faces: Sequence[Any]):
 
 
 class AutoKeypoints:
-    """State of ``kps="auto"`` for one call: the latest x0 estimate, then the placement.
+    """``kps="auto"`` for one call: the reference keypoints placed on the step-M1 preview.
 
-    ``observe`` keeps the semantic line's x0 estimate of each step (cheap tensor math);
-    ``resolve`` (first ID-line step) decodes the estimate of the previous step, i.e. step
-    M1, detects one face per image and returns per row a keypoint image or None.
+    ``observe`` gets the semantic line's preview once (``BackendSession.observe_preview``,
+    step M1, the last step before the ID line runs), detects one face per image and keeps,
+    per row, the placed keypoint image or None (IdentityNet off for that image); every
+    ID-line step then reads ``images``.
     """
 
-    def __init__(self, pipe: Any, detector: Any, reference):
-        self.pipe = pipe
+    def __init__(self, detector: Any, reference):
         self.detector = detector
         self.reference = reference
-        self.estimates: dict[int, torch.Tensor] = {}
         self.images: list | None = None
 
-    def observe(self, step: int, sample: torch.Tensor, guided: torch.Tensor,
-                timestep: torch.Tensor) -> None:
-        if self.images is not None:
-            return
-        alpha_bar = alpha_bar_at(self.pipe.scheduler, timestep)
-        if alpha_bar is None:
-            return
-        prediction_type = self.pipe.scheduler.config.get("prediction_type", "epsilon")
-        # Keep this step's and the previous one's: the first ID-line step reads step M1's
-        # estimate after its own semantic rows were observed.
-        self.estimates = {k: v for k, v in self.estimates.items() if k == step - 1}
-        self.estimates[step] = x0_estimate(sample, guided, alpha_bar, prediction_type)
+    def observe(self, preview: SemanticPreview, rows: int, height: int, width: int) -> list:
+        """Per row: the placed keypoint image, or None. Placed once; later calls keep it."""
+        if self.images is None:
+            previews = preview.images()
+            self.images = (self._nothing_to_place(preview.step, rows) if previews is None
+                           else self._place(previews, preview.step, height, width))
+        return self.images
 
-    def resolve(self, step: int, rows: int, height: int, width: int) -> list:
-        """Per row: the placed keypoint image, or None (IdentityNet off for that image)."""
-        if self.images is not None:
-            return self.images
-        estimate = self.estimates.get(step - 1)
-        if estimate is None:
-            logger.warning("kps='auto': no x0 estimate of step %d is available (scheduler "
-                           "without alphas_cumprod?); IdentityNet is off for this call.", step - 1)
-            self.images = [None] * rows
-            return self.images
-        from bf_core.dli import decode_latents
+    def missing(self, step: int, rows: int) -> list:
+        """No preview reached the session before the ID line's step ``step``: none placed."""
+        if self.images is None:
+            self.images = self._nothing_to_place(step - 1, rows)
+        return self.images
 
-        previews = decode_latents(self.pipe, estimate.to(self.pipe.vae.dtype), "pil")
-        self.images = []
+    @staticmethod
+    def _nothing_to_place(step: int, rows: int) -> list:
+        logger.warning("kps='auto': no x0 estimate of step %d is available (scheduler "
+                       "without alphas_cumprod?); IdentityNet is off for this call.", step)
+        return [None] * rows
+
+    def _place(self, previews: Sequence[Any], step: int, height: int, width: int) -> list:
+        """The largest face of each preview image -> its placed keypoint image, or None."""
+        images = []
         for row, preview in enumerate(previews):
             box = largest_box(self.detector.detect(preview))
             if box is None:
                 logger.info("kps='auto': no face in the step-%d preview of image %d; IdentityNet "
-                            "is off for this image.", step - 1, row)
-                self.images.append(None)
+                            "is off for this image.", step, row)
+                images.append(None)
             else:
                 logger.info("kps='auto': image %d, face box %s in the step-%d preview.", row,
-                            [round(float(v), 1) for v in box], step - 1)
-                self.images.append(placed_keypoint_image(self.reference, box, (width, height)))
-        return self.images
+                            [round(float(v), 1) for v in box], step)
+                images.append(placed_keypoint_image(self.reference, box, (width, height)))
+        return images

@@ -9,6 +9,23 @@
   ``.safetensors`` file with the published config, loaded strictly.
 
 A file of another identity method is refused with a message saying what it looks like.
+
+The loader also owns what the backend reads off a built pipeline (``find_instantid_parts``:
+the projection, IdentityNet and the IP processors, in either of the two forms below) and
+the face model the reference photos go through (``build_face_analyzer``, the antelopev2
+pack), because both are the loaded pieces of an InstantID set-up, not the identity step.
+
+Two ways a pipeline can carry InstantID (docs/backends/instantid.md), told apart by attributes
+only, never by importing InstantID's code:
+
+* ``"native"``: diffusers' ``load_ip_adapter`` put the Resampler on the UNet
+  (``unet.encoder_hid_proj.image_projection_layers[0]``, 512 in, 16 queries) and installed
+  ``IPAdapterAttnProcessor2_0`` (``scale`` a list); IdentityNet is ``pipe.controlnet``.
+  This is what ``load_instantid_pipeline`` and ``testing.tiny_pipeline`` build.
+* ``"official"``: the official ``StableDiffusionXLInstantIDPipeline`` after
+  ``load_ip_adapter_instantid``: the Resampler is ``pipe.image_proj_model``, the UNet has
+  processors with one ``nn.Linear`` ``to_k_ip``, an int ``num_tokens`` of 16 and a float
+  ``scale``, and they read the last 16 context tokens as ID tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +34,9 @@ import copy
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +50,7 @@ RESAMPLER_DEPTH = 4  # diffusers' converter always builds depth 4, as InstantID 
 RESAMPLER_HEAD_DIM = 64
 RESAMPLER_FF_MULT = 4
 DEFAULT_IP_SCALE = 0.8  # what every official script passes (diffusers would start at 1.0)
+DEFAULT_FACE_MODEL = "antelopev2"
 
 _WEIGHT_FILE_NAMES = (
     "diffusion_pytorch_model.safetensors",
@@ -407,3 +427,130 @@ def load_instantid_pipeline(base_model: str | os.PathLike, ip_adapter: str | os.
                                                      **from_pretrained_kwargs)
     # diffusers' loader builds the projection on the UNet's device and dtype.
     return assemble_instantid_pipeline(base, net, read_instantid_adapter(ip_adapter), scale)
+
+
+def load_pipeline_setup(base_model: str, checkpoint: str | None, *, torch_dtype: Any = None,
+                        device: str | None = None):
+    """``BackendExtras.load_pipeline``: a base SDXL model with InstantX/InstantID's folder.
+
+    ``checkpoint`` is a folder holding ``ip-adapter.bin`` and ``ControlNetModel/``, and
+    optionally the ``antelopev2/`` face pack; with the pack, its analyser goes to every call
+    (``options["face_analyzer"]``), else the pack is looked up in insightface's default root.
+    """
+    from bf_core.extras import PipelineSetup
+
+    folder = Path(checkpoint) if checkpoint else None
+    if folder is None or not (folder / "ip-adapter.bin").is_file() \
+            or not (folder / "ControlNetModel").is_dir():
+        raise ConfigError(f"InstantID's benchmark checkpoint must be a folder holding "
+                          f"ip-adapter.bin and ControlNetModel/ (InstantX/InstantID), got "
+                          f"{checkpoint!r}; pass --checkpoint instantid=<that folder>")
+    pipe = load_instantid_pipeline(base_model, str(folder / "ip-adapter.bin"),
+                                   str(folder / "ControlNetModel"), torch_dtype=torch_dtype)
+    if device:
+        pipe.to(device)
+    pack = folder / "antelopev2"
+    options = {"face_analyzer": build_face_analyzer({"face_model": str(pack)})} \
+        if pack.is_dir() else {}
+    return PipelineSetup(pipe, options=options)
+
+
+# --------------------------------------------------------------------------- pipeline parts
+
+
+def _official_projection(pipe: Any, cross_attention_dim: int):
+    """``pipe.image_proj_model`` if it is InstantID's Resampler (512 in, 16 x 1280, D out)."""
+    model = getattr(pipe, "image_proj_model", None)
+    proj_in = getattr(model, "proj_in", None)
+    latents = getattr(model, "latents", None)
+    proj_out = getattr(model, "proj_out", None)
+    if not all(isinstance(m, torch.nn.Module) for m in (model, proj_in, proj_out)) \
+            or not isinstance(latents, torch.Tensor):
+        return None
+    if getattr(proj_in, "in_features", None) != FACE_EMBEDDING_DIM or latents.ndim != 3 \
+            or latents.shape[1] != ID_TOKEN_COUNT \
+            or getattr(proj_out, "out_features", None) != cross_attention_dim:
+        return None
+    return model
+
+
+def _official_ip_processors(unet) -> list:
+    """Official-style IP processors: a single Linear ``to_k_ip`` and ``num_tokens == 16``."""
+    return [proc for proc in unet.attn_processors.values()
+            if isinstance(getattr(proc, "to_k_ip", None), torch.nn.Linear)
+            and getattr(proc, "num_tokens", None) == ID_TOKEN_COUNT
+            and isinstance(getattr(proc, "scale", None), (int, float))]
+
+
+def _native_ip_processors(unet) -> list:
+    return [proc for proc in unet.attn_processors.values()
+            if hasattr(proc, "to_k_ip") and isinstance(getattr(proc, "scale", None), list)]
+
+
+def _controlnet_of(pipe: Any):
+    """IdentityNet: ``pipe.controlnet`` or, for a MultiControlNet, its only net."""
+    controlnet = getattr(pipe, "controlnet", None)
+    nets = getattr(controlnet, "nets", None)
+    if nets is not None:
+        if len(nets) != 1:
+            raise ConfigError(
+                f"the pipeline's MultiControlNet holds {len(nets)} ControlNets; the InstantID "
+                "backend drives IdentityNet only. Build the pipeline with IdentityNet alone "
+                "(extra pose/canny/depth ControlNets are not supported yet).")
+        controlnet = nets[0]
+    if controlnet is None or not hasattr(controlnet, "controlnet_cond_embedding"):
+        return None
+    return controlnet
+
+
+@dataclass
+class InstantIDParts:
+    """What the backend uses from a recognised pipeline.
+
+    form: ``"native"`` or ``"official"`` (module docstring). projection: the Resampler,
+    (B, N, 512) -> (B, 16, D). controlnet: IdentityNet. ip_processors: the cross-attention
+    processors whose ``scale`` switches the ID attention.
+    """
+
+    form: str
+    projection: torch.nn.Module
+    controlnet: torch.nn.Module
+    ip_processors: list
+
+
+def find_instantid_parts(pipe: Any) -> InstantIDParts | None:
+    """The InstantID parts of ``pipe``, or None when it is not set up for InstantID."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return None
+    controlnet = _controlnet_of(pipe)
+    if controlnet is None:
+        return None
+    native = find_instantid_projection(unet)
+    if native is not None:
+        processors = _native_ip_processors(unet)
+        return InstantIDParts("native", native, controlnet, processors) if processors else None
+    official = _official_projection(pipe, unet.config.cross_attention_dim)
+    if official is not None:
+        processors = _official_ip_processors(unet)
+        return InstantIDParts("official", official, controlnet, processors) if processors else None
+    return None
+
+
+# --------------------------------------------------------------------------- face model
+
+
+def build_face_analyzer(options: dict[str, Any]):
+    """The analyser for reference photos: ``face_analyzer`` if given, else antelopev2.
+
+    Options: ``face_model`` (pack name or folder, default ``"antelopev2"``),
+    ``face_model_root`` and ``face_providers`` (insightface root and onnxruntime providers).
+    The detector runs at 640 x 640, the size every official script prepares.
+    """
+    if options.get("face_analyzer") is not None:
+        return options["face_analyzer"]
+    from bf_core.faces import FaceAnalyzer
+
+    return FaceAnalyzer(options.get("face_model", DEFAULT_FACE_MODEL),
+                        root=options.get("face_model_root"),
+                        providers=options.get("face_providers"), det_size=(640, 640))

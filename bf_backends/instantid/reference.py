@@ -28,20 +28,9 @@ from bf_backends.instantid.loader import (
     cross_attention_numbering,
 )
 from bf_backends.instantid.state import preserved_attention_state
+from bf_core.attention import merge_heads, split_heads
 
 Tensor = torch.Tensor
-
-
-def _split_heads(x: Tensor, head_dim: int) -> Tensor:
-    """(B, T, H*d) -> (B, H, T, d); channel c belongs to head c // d."""
-    batch, tokens, width = x.shape
-    return x.view(batch, tokens, width // head_dim, head_dim).transpose(1, 2)
-
-
-def _merge_heads(x: Tensor) -> Tensor:
-    """(B, H, T, d) -> (B, T, H*d), the inverse of ``_split_heads``."""
-    batch, heads, tokens, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
 def _resampler_attention(weights: Mapping[str, Tensor], prefix: str, faces: Tensor,
@@ -60,10 +49,11 @@ def _resampler_attention(weights: Mapping[str, Tensor], prefix: str, faces: Tens
     faces_n, queries_n = layer_norm(faces, "norm1"), layer_norm(queries, "norm2")
     q = queries_n @ weights[f"{prefix}.to_q.weight"].T
     k, v = (torch.cat([faces_n, queries_n], dim=1) @ weights[f"{prefix}.to_kv.weight"].T).chunk(2, -1)
-    q, k, v = (_split_heads(t, RESAMPLER_HEAD_DIM) for t in (q, k, v))
+    heads = width // RESAMPLER_HEAD_DIM  # the attention's inner width is the queries'
+    q, k, v = (split_heads(t, heads) for t in (q, k, v))
     quarter = RESAMPLER_HEAD_DIM ** -0.25
     attn = ((q * quarter) @ (k * quarter).transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
-    return _merge_heads(attn @ v) @ weights[f"{prefix}.to_out.weight"].T
+    return merge_heads(attn @ v) @ weights[f"{prefix}.to_out.weight"].T
 
 
 def reference_resampler(image_proj: Mapping[str, Tensor], face_embeddings: Tensor) -> Tensor:
@@ -109,15 +99,15 @@ class ReferenceIPAttnProcessor:
                              "(3-D hidden states, a context, no norm_cross).")
         text = encoder_hidden_states[:, : -self.num_tokens]
         identity = encoder_hidden_states[:, -self.num_tokens:]
-        head_dim = attn.to_q.out_features // attn.heads
-        q = _split_heads(attn.to_q(hidden_states), head_dim)
+        heads = attn.heads  # every projection here is the layer's width, heads x head_dim
+        q = split_heads(attn.to_q(hidden_states), heads)
         text_out = F.scaled_dot_product_attention(
-            q, _split_heads(attn.to_k(text), head_dim), _split_heads(attn.to_v(text), head_dim),
+            q, split_heads(attn.to_k(text), heads), split_heads(attn.to_v(text), heads),
             attn_mask=attention_mask)
         id_out = F.scaled_dot_product_attention(
-            q, _split_heads(F.linear(identity, self.to_k_ip.to(q.dtype)), head_dim),
-            _split_heads(F.linear(identity, self.to_v_ip.to(q.dtype)), head_dim))
-        out = attn.to_out[1](attn.to_out[0](_merge_heads(text_out + self.scale * id_out)))
+            q, split_heads(F.linear(identity, self.to_k_ip.to(q.dtype)), heads),
+            split_heads(F.linear(identity, self.to_v_ip.to(q.dtype)), heads))
+        out = attn.to_out[1](attn.to_out[0](merge_heads(text_out + self.scale * id_out)))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor

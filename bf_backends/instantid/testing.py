@@ -1,4 +1,5 @@
-"""Tiny InstantID parts for offline tests: an IdentityNet config and an ``ip-adapter.bin`` writer.
+"""Tiny InstantID parts for offline tests, the demo and the benchmarks: an IdentityNet
+config, an ``ip-adapter.bin`` writer, tiny pipelines and the ``BackendExtras`` set-ups.
 
 Everything here is random-weight and sized for a tiny SDXL UNet (cross-attention width 64),
 while keeping what makes InstantID InstantID: a 512-wide raw face embedding in, 16 ID tokens
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from bf_backends.instantid.loader import (
@@ -18,6 +21,7 @@ from bf_backends.instantid.loader import (
     ip_adapter_shapes,
     resampler_shapes,
 )
+from bf_core.extras import PipelineSetup, SpeedSetup
 
 TINY_RESAMPLER_WIDTH = 128
 KEYPOINT_IMAGE_GAIN = 30.0  # two heads of 64, the smallest width diffusers' converter accepts
@@ -255,3 +259,65 @@ def face_pack(folder: str | os.PathLike, finds_faces: bool = True, seed: int = 0
 
     return make_random_antelopev2_pack(folder, seed=seed,
                                        face_logit_bias=10.0 if finds_faces else -10.0)
+
+
+# --------------------------------------------------------------------------- BackendExtras
+
+
+def reference_photo(seed: int = 0, size: tuple[int, int] = (80, 96)):
+    """A random RGB picture of ``size`` (width, height): the random face pack of
+    ``face_pack(finds_faces=True)`` finds a face in any photo, so its content is free."""
+    from PIL import Image
+
+    width, height = size
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), np.uint8)
+    return Image.fromarray(pixels)
+
+
+def tiny_setup(seed: int = 0) -> PipelineSetup:
+    """The tiny offline InstantID pipeline, one photo as the demo identity, and a random
+    antelopev2 pack that finds a face in every photo as every call's analyser."""
+    import tempfile
+
+    from bf_core.faces import FaceAnalyzer
+
+    folder = Path(tempfile.mkdtemp(prefix="beyondfacial-antelopev2-"))
+    pack = face_pack(folder / "antelopev2", finds_faces=True, seed=seed)
+    analyzer = FaceAnalyzer(str(pack), det_size=(128, 128), providers=["CPUExecutionProvider"])
+    return PipelineSetup(tiny_pipeline(seed=seed),
+                         identity={"id_images": [reference_photo(seed)], "id_prompt": "a person"},
+                         options={"face_analyzer": analyzer})
+
+
+def five_keypoints(resolution: int) -> np.ndarray:
+    """(5, 2) face keypoints in output pixels (eyes, nose, mouth corners), centred."""
+    fractions = np.array([[0.42, 0.40], [0.58, 0.40], [0.50, 0.50], [0.44, 0.60], [0.56, 0.60]])
+    return fractions * resolution
+
+
+def speed_setup(pipe: Any, real: bool, resolution: int, seed: int = 0,
+                lora_rank: int = 64) -> SpeedSetup:
+    """InstantID at the pipeline's size (random weights): IdentityNet from the published
+    ControlNet config (or the tiny one) and the 16-token ID attention (1280-wide Resampler
+    at real size); a precomputed face embedding and fixed keypoints replace the face
+    analyser. ``lora_rank`` is unused: InstantID has no LoRA."""
+    from bf_backends.instantid.loader import (
+        RESAMPLER_WIDTH,
+        assemble_instantid_pipeline,
+        config_for_identitynet,
+    )
+
+    if real:
+        from diffusers import ControlNetModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = ControlNetModel(**config_for_identitynet())
+        state = make_instantid_state_dict(pipe.unet, seed=seed, hidden_dim=RESAMPLER_WIDTH)
+    else:
+        net = tiny_identitynet(seed=seed, cross_attention_dim=pipe.unet.config.cross_attention_dim)
+        state = make_instantid_state_dict(pipe.unet, seed=seed)
+    net = net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    pipe = assemble_instantid_pipeline(pipe, net, state)
+    face = torch.randn((1, FACE_EMBEDDING_DIM), generator=torch.Generator().manual_seed(seed))
+    return SpeedSetup(pipe, {"face_embeds": face, "kps": five_keypoints(resolution)})

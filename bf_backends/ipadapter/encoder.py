@@ -1,12 +1,15 @@
-"""Identity embeddings for IP-Adapter pipelines, exactly as diffusers' pipeline builds them.
+"""IP-Adapter's identity step: a person's photos (or diffusers' own identity arguments) ->
+the image embeds every line passes to the UNet, and T_id, their projected image tokens.
 
-Reference images go through the pipeline's own ``prepare_ip_adapter_image_embeds`` /
-``encode_image`` (so the result equals what ``pipe(prompt, ip_adapter_image=...)``
-computes); precomputed ``ip_adapter_image_embeds`` are shape-checked with errors that name
-the adapter and the expected layout. FaceID adapters read insightface face embeddings,
-which ``faceid_image_embeds`` lays out; FaceID-Plus V2 also reads CLIP hidden states of the
-aligned face crops, set as module state by ``set_faceid_plus_clip_embeds``.
-``projected_id_tokens`` gives the image tokens the UNet's IP branch attends to.
+``IPAdapterIdentityEncoder`` is that step. The helpers below build the embeds exactly as
+diffusers' pipeline does: reference images go through the pipeline's own
+``prepare_ip_adapter_image_embeds`` / ``encode_image`` (so the result equals what
+``pipe(prompt, ip_adapter_image=...)`` computes); precomputed ``ip_adapter_image_embeds``
+are shape-checked with errors that name the adapter and the expected layout. FaceID
+adapters read insightface face embeddings, which ``faceid_image_embeds`` lays out;
+FaceID-Plus V2 also reads CLIP hidden states of the aligned face crops, set as module state
+by ``set_faceid_plus_clip_embeds``. ``projected_id_tokens`` gives the image tokens the
+UNet's IP branch attends to.
 
 Shapes (B = batch of one UNet call, m = images per adapter, n = images per prompt):
 
@@ -22,13 +25,17 @@ FaceID, FaceID-Plus (face embedding)   (n, m, 1, 512)      (2n, m, 1, 512)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from bf_core.errors import ConfigError, ImageInputError, NonFiniteError
+from bf_core.records import GenerationRequest, Identity, Person
 
 from .state import image_projection_layers
 
+DEFAULT_FACE_MODEL = "buffalo_l"  # the pack the FaceID model cards use
+DEFAULT_FACE_POLICY = "highest_score"  # the model cards take insightface's faces[0]
 FACE_EMBED_DIM = 512
 # insightface's normed_embedding has unit L2 norm; raw ArcFace embeddings are ~20-30 long.
 _UNIT_NORM_TOLERANCE = 1e-2
@@ -385,3 +392,130 @@ def faceid_inputs(analyzer, images, *, policy: str = "highest_score", with_crops
     crops = [_crop_for_clip(align_face(photo, face.kps, FACE_CROP_SIZE), crop_channels)
              for photo, face in zip(photos, faces, strict=True)]
     return normed, crops
+
+
+# ---------------------------------------------------------------------------------------
+# The identity step
+# ---------------------------------------------------------------------------------------
+
+def _is_face_layer(layer) -> bool:
+    from diffusers.models.embeddings import (
+        IPAdapterFaceIDImageProjection,
+        IPAdapterFaceIDPlusImageProjection,
+    )
+
+    return isinstance(layer, (IPAdapterFaceIDImageProjection, IPAdapterFaceIDPlusImageProjection))
+
+
+def is_faceid_plus_layer(layer) -> bool:
+    """True for a FaceID-Plus projection, which reads ``clip_embeds`` module state."""
+    from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
+
+    return isinstance(layer, IPAdapterFaceIDPlusImageProjection)
+
+
+class EncoderSession(Protocol):
+    """What the identity step reads from its session (``backend.IPAdapterSession``)."""
+
+    backend: Any  # default_id_prompt, face_analyzer(model, root, providers)
+    pipe: Any
+    request: GenerationRequest
+    options: dict[str, Any]  # the call's checked backend options
+    layers: list  # the loaded adapters' projection modules, in load order
+    variants: list[str]
+
+
+class IPAdapterIdentityEncoder:
+    """A person -> the per-adapter image embeds and T_id, their projected image tokens.
+
+    The identity comes from exactly one of the person's ``id_images`` and diffusers' own
+    call arguments ``ip_adapter_image`` / ``ip_adapter_image_embeds`` (backend options).
+    FaceID-Plus also gets its ``clip_embeds`` module state here; the session captured that
+    state when it opened, so it is put back when the call ends.
+    """
+
+    def __init__(self, session: EncoderSession):
+        self.session = session
+
+    def encode(self, person: Person) -> Identity:
+        """Identity tokens (R, m * t, D) and their unconditional counterpart (None without
+        CFG); ``state["image_embeds"]``: one tensor per adapter as the UNet receives it,
+        (2R, m, ...) under CFG, else (R, m, ...), which every line passes, the baseline's too.
+        """
+        session = self.session
+        embeds = self.image_embeds(person)
+        tokens = projected_id_tokens(session.pipe, embeds)  # (E, m * t, D)
+        negative = None
+        if session.request.do_cfg:
+            negative, tokens = tokens.chunk(2)
+        return Identity(person.id_prompt or session.backend.default_id_prompt, tokens, negative,
+                        state={"image_embeds": embeds, "variants": session.variants})
+
+    def identity_source(self, person: Person) -> str:
+        """The one identity input given: ``id_images``, ``ip_adapter_image`` or
+        ``ip_adapter_image_embeds``."""
+        options = self.session.options
+        given = [name for name, value in (("id_images", person.id_images),
+                                          ("ip_adapter_image", options.get("ip_adapter_image")),
+                                          ("ip_adapter_image_embeds",
+                                           options.get("ip_adapter_image_embeds")))
+                 if value is not None]
+        if len(given) != 1:
+            what = "none" if not given else " and ".join(given)
+            raise ConfigError(f"an IP-Adapter pipeline needs exactly one identity input: id_images "
+                              f"(reference photos), ip_adapter_image or ip_adapter_image_embeds; "
+                              f"got {what}.")
+        return given[0]
+
+    def image_embeds(self, person: Person) -> list[torch.Tensor]:
+        """Per-adapter embeds as the UNet receives them: (2R, m, ...) under CFG, else (R, m, ...)."""
+        session = self.session
+        request, options, layers = session.request, session.options, session.layers
+        source = self.identity_source(person)
+        common = dict(num_images_per_prompt=request.num_rows,
+                      do_classifier_free_guidance=request.do_cfg, device=request.device)
+        if source == "ip_adapter_image_embeds":
+            return prepare_image_embeds(session.pipe, image_embeds=options[source], **common)
+        if source == "ip_adapter_image":
+            return prepare_image_embeds(session.pipe, images=options[source], **common)
+        if not any(_is_face_layer(layer) for layer in layers):
+            from bf_core.images import load_images
+
+            photos = load_images(person.id_images)
+            # One adapter: every photo is a reference of it (diffusers' nested list).
+            per_adapter = [photos] if len(layers) == 1 else photos
+            return prepare_image_embeds(session.pipe, images=per_adapter, **common)
+        if len(layers) != 1:
+            raise ConfigError("several IP-Adapters with a FaceID one among them cannot be fed from "
+                              "id_images; pass ip_adapter_image_embeds (one tensor per adapter), "
+                              "and set FaceID-Plus clip_embeds as diffusers' recipe does.")
+        return [self.faceid_embeds(layers[0], person.id_images, common)]
+
+    def faceid_embeds(self, layer, id_images: Any, common: dict) -> torch.Tensor:
+        """FaceID embeds from the reference photos; FaceID-Plus also gets its CLIP state."""
+        session = self.session
+        options, request = session.options, session.request
+        plus = is_faceid_plus_layer(layer)
+        normed, crops = faceid_inputs(
+            self.face_analyzer(), id_images,
+            policy=options.get("face_policy", DEFAULT_FACE_POLICY), with_crops=plus,
+            crop_channels=options.get("face_crop_channels", "bgr"))
+        dtype = next(layer.parameters()).dtype
+        stacked = faceid_image_embeds(normed, do_classifier_free_guidance=request.do_cfg,
+                                      dtype=dtype, device=request.device)
+        if plus:
+            set_faceid_plus_clip_embeds(session.pipe, crops,
+                                        shortcut=bool(options.get("shortcut", True)),
+                                        shortcut_scale=float(options.get("s_scale", 1.0)),
+                                        **common)
+        return prepare_image_embeds(session.pipe, image_embeds=[stacked], **common)[0]
+
+    def face_analyzer(self):
+        """The caller's ``face_analyzer``, else the backend's, built once per setting."""
+        options = self.session.options
+        analyzer = options.get("face_analyzer")
+        if analyzer is not None:
+            return analyzer
+        return self.session.backend.face_analyzer(options.get("face_model", DEFAULT_FACE_MODEL),
+                                                  options.get("face_model_root"),
+                                                  options.get("face_providers"))

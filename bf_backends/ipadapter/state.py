@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bf_core.errors import CheckpointError, ConfigError
+from bf_core.switching import stored_adapter_names
 
 if TYPE_CHECKING:
     import torch
@@ -88,16 +89,7 @@ def faceid_adapter_names(pipe_or_unet) -> list[str]:
 def faceid_lora_layers(pipe_or_unet) -> list:
     """The tuner layers that hold weights of a FaceID adapter."""
     return [layer for layer in _tuner_layers(_unet(pipe_or_unet))
-            if any(_is_faceid_adapter(name) for name in _adapter_names_of(layer))]
-
-
-def _adapter_names_of(layer) -> set[str]:
-    names: set[str] = set()
-    for attribute in layer.adapter_layer_names:
-        container = getattr(layer, attribute, None)
-        if hasattr(container, "keys"):
-            names.update(container.keys())
-    return names
+            if any(_is_faceid_adapter(name) for name in stored_adapter_names(layer))]
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,28 +105,37 @@ def _plain_variant(layer, cross_attention_dim: int, image_encoder) -> str:
     for some other encoder and is reported as ``vit-h``, the layout it shares.
     """
     width = int(layer.image_embeds.in_features)
-    if image_encoder is not None:
-        encoder_width = int(image_encoder.config.projection_dim)
-        if encoder_width != width:
-            raise CheckpointError(
-                f"the IP-Adapter reads {width}-d image embeddings but the pipeline's image "
-                f"encoder produces {encoder_width}-d ones. ip-adapter_sdxl needs the ViT-bigG "
-                "encoder (sdxl_models/image_encoder), the *_vit-h files the ViT-H encoder "
-                "(models/image_encoder): load the matching encoder with image_encoder_folder.")
+    _check_encoder_width(
+        image_encoder, "projection_dim", width, "the IP-Adapter", "image embeddings",
+        "ip-adapter_sdxl needs the ViT-bigG encoder (sdxl_models/image_encoder), the *_vit-h "
+        "files the ViT-H encoder (models/image_encoder): load the matching encoder with "
+        "image_encoder_folder.")
     return "bigG" if width * 8 == cross_attention_dim * 5 else "vit-h"
 
 
 def _check_hidden_width(width: int, image_encoder, index: int) -> None:
     """Plus-type projections read the encoder's hidden states; their widths must agree."""
+    _check_encoder_width(
+        image_encoder, "hidden_size", width, f"IP-Adapter {index}", "CLIP hidden states",
+        "The plus, plus-face and FaceID-Plus SDXL adapters need the ViT-H encoder "
+        "(models/image_encoder): load it with image_encoder_folder.")
+
+
+def _check_encoder_width(image_encoder, field: str, width: int, reader: str, features: str,
+                         advice: str) -> None:
+    """Raise ``CheckpointError`` when the image encoder's ``config.<field>`` is not the
+    ``width`` the projection reads; nothing to check without an encoder (precomputed embeds).
+
+    reader: who reads the features ("IP-Adapter 0"); features: what they are; advice: how
+    to load the encoder that fits.
+    """
     if image_encoder is None:
         return
-    encoder_width = int(image_encoder.config.hidden_size)
+    encoder_width = int(getattr(image_encoder.config, field))
     if encoder_width != width:
         raise CheckpointError(
-            f"IP-Adapter {index} reads {width}-d CLIP hidden states but the pipeline's image "
-            f"encoder produces {encoder_width}-d ones. The plus, plus-face and FaceID-Plus SDXL "
-            "adapters need the ViT-H encoder (models/image_encoder): load it with "
-            "image_encoder_folder.")
+            f"{reader} reads {width}-d {features} but the pipeline's image encoder produces "
+            f"{encoder_width}-d ones. {advice}")
 
 
 def _variant_of_layer(layer, index: int, unet, image_encoder) -> str:

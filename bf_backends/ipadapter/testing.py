@@ -25,10 +25,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bf_core.errors import ConfigError
+from bf_core.extras import PipelineSetup, SpeedSetup
 
 VARIANTS = ("vit-h", "plus", "plus-face", "faceid", "faceid-plusv2", "bigG")
 CLIP_VARIANTS = frozenset({"vit-h", "bigG", "plus", "plus-face", "faceid-plusv2"})
@@ -44,6 +46,12 @@ RESAMPLER_HEAD_DIM = 64  # diffusers infers the head count as to_q rows // 64
 FACEID_MLP_MULT = 2  # official MLPProjModel / ProjPlusModel: 512 -> 1024 -> tokens * cross
 REAL_FACEID_LORA_RANK = 128
 TINY_FACEID_LORA_RANK = 4
+
+#: The benchmark's tiny variant: a CLIP-image one, so the identity photos feed it directly
+#: (FaceID variants would also need a face detector that finds faces in them).
+TINY_VARIANT = "plus-face"
+CLIP_VIT_H_HIDDEN = 1280  # IP-Adapter plus-face reads CLIP ViT-H/14 hidden states ...
+CLIP_TOKENS = 257  # ... of a 224 px image: 16 x 16 patches and the class token
 
 _OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -337,3 +345,37 @@ def tiny_pipeline(variant: str = "plus-face", seed: int = 0, scheduler: str = "d
     pipe = tiny_sdxl_pipeline(seed=seed, scheduler=scheduler)
     load_tiny_adapter(pipe, variant, seed=seed)
     return pipe
+
+
+def reference_photo(seed: int = 0, size: int = 96):
+    """A random RGB photo, the reference image of the tests: ``size`` x ``size`` uniform
+    pixels from a seeded generator (CLIP variants read any picture)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+# ---------------------------------------------------------------------------------------
+# The demo's and the benchmarks' set-ups (``BackendExtras``)
+# ---------------------------------------------------------------------------------------
+
+def tiny_setup(seed: int = 0) -> PipelineSetup:
+    """The tiny plus-face pipeline (``TINY_VARIANT``) with one reference photo and P_id."""
+    return PipelineSetup(tiny_pipeline(TINY_VARIANT, seed=seed),
+                         identity={"id_images": [reference_photo(seed)], "id_prompt": "a person"})
+
+
+def speed_setup(pipe: Any, real: bool, resolution: int, seed: int = 0,
+                lora_rank: int = 64) -> SpeedSetup:
+    """IP-Adapter plus-face at the pipeline's size (random weights), loaded with diffusers'
+    ``load_ip_adapter`` and fed precomputed CLIP hidden states [negative; positive]
+    (2, 1, 257, width), so no image encoder is loaded. ``lora_rank``: unused (no LoRA)."""
+    cross = int(pipe.unet.config.cross_attention_dim)
+    width = CLIP_VIT_H_HIDDEN if real else tiny_image_embed_dim(TINY_VARIANT, cross)
+    state = tiny_adapter_state_dict(TINY_VARIANT, pipe.unet, image_embed_dim=width, seed=seed)
+    pipe.load_ip_adapter(state, weight_name="", subfolder="", image_encoder_folder=None)
+    embeds = torch.randn((2, 1, CLIP_TOKENS, width), generator=torch.Generator().manual_seed(seed))
+    embeds = embeds.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    return SpeedSetup(pipe, {"ip_adapter_image_embeds": [embeds]})

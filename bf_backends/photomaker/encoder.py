@@ -1,456 +1,261 @@
-"""PhotoMaker V1 and V2 ID encoders.
+"""PhotoMaker's identity step: reference photos + ``P_id`` -> the ID-fused ``P_id`` embedding.
 
-Both encoders turn N reference images of one identity into ID vectors of the SDXL text
-width D (2048 at real size = 768 CLIP-L + 1280 OpenCLIP-bigG) and fuse them into the
-prompt embedding at the positions of the repeated class word:
+T_id is the fused ``P_id`` embedding (1, 77, D): the identity lives in its N x T
+class-token rows (T = 1 for V1, 2 for V2), the rest is the text encoder's own output of
+``P_id``. The reference inputs (CLIP pixels, V2's ArcFace embeddings) are read once and
+kept in the identity's state, for the baseline's fused prompts too.
 
-- V1: one vector per image, the pooled CLIP output through two projections, concatenated.
-- V2: two vectors per image, queries seeded from a 512-d face-recognition embedding and
-  refined by a small perceiver over the CLIP patch tokens.
-
-The state-dict keys and shapes equal those of the official checkpoints'
-``id_encoder`` part, so a strict load works; V2 keeps the two projections it stores but
-does not use. Unlike the official modules, the fusion never writes into its input.
+Two kinds of pipeline carry PhotoMaker: a diffusers ``StableDiffusionXLPipeline`` prepared
+with ``load_photomaker`` (``pipe.photomaker`` holds our encoder), and the official
+``PhotoMakerStableDiffusionXLPipeline``, recognised by its attributes and reused as it is.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from bf_core.errors import ConfigError
+from bf_backends.photomaker.images import preprocess_id_images
+from bf_backends.photomaker.loader import ADAPTER_NAME, PhotoMakerState
+from bf_backends.photomaker.prompt import (
+    TriggerPromptEmbeds,
+    encode_prompt_with_trigger,
+    fuse_identity,
+    remove_trigger_word,
+    trigger_token_id,
+)
+from bf_core.errors import ConfigError, ImageInputError
+from bf_core.hosts.sdxl import encode_line_text, id_negative_prompt
+from bf_core.records import GenerationRequest, Identity, LineConditioning, Person
 
-if TYPE_CHECKING:  # keep transformers out of module import time
-    from transformers import CLIPVisionConfig
-
-#: Sizes of the real vision tower (CLIP ViT-L/14 at 224 px); everything else is the
-#: transformers default (quick_gelu, layer-norm eps 1e-5, 3 channels).
-REAL_VISION_CONFIG = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 24,
-    "patch_size": 14,
-    "image_size": 224,
-    "projection_dim": 768,
-}
-
-#: Width of the second projection: the OpenCLIP-bigG part of the SDXL text embedding.
-REAL_SECOND_PROJECTION_DIM = 1280
-#: Width of the insightface (ArcFace) embedding that seeds the V2 queries.
+#: PhotoMaker V2 uses the most confident face of each reference image (insightface order).
+DEFAULT_FACE_POLICY = "highest_score"
 FACE_EMBEDDING_DIM = 512
 
 
-def real_vision_config() -> CLIPVisionConfig:
-    """The vision-tower config of the official PhotoMaker checkpoints."""
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(**REAL_VISION_CONFIG)
-
-
-def tiny_vision_config() -> CLIPVisionConfig:
-    """A 2-layer, 32-wide vision tower for tests (still 224 px, so 257 tokens).
-
-    With ``projection_dim`` 32 and a second projection of 32 the ID vectors are 64 wide,
-    the text width of the tiny test SDXL pipeline (two text encoders of hidden size 32).
-    """
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                            num_hidden_layers=2, patch_size=14, image_size=224,
-                            projection_dim=32)
-
-
 # --------------------------------------------------------------------------------------
-# Pure functions: the fusion and the perceiver attention
+# Recognising the two kinds of PhotoMaker pipeline
 # --------------------------------------------------------------------------------------
 
 
-def gather_class_token_rows(prompt_embeds: torch.Tensor, class_tokens_mask: torch.Tensor,
-                            ) -> torch.Tensor:
-    """Rows of the prompt embedding at the class-token positions.
+def is_official_photomaker_pipeline(pipe: Any) -> bool:
+    """Duck-typed: the official ``PhotoMakerStableDiffusionXLPipeline`` (or a variant)."""
+    return (isinstance(getattr(pipe, "id_encoder", None), torch.nn.Module)
+            and isinstance(getattr(pipe, "trigger_word", None), str)
+            and hasattr(pipe, "id_image_processor")
+            and callable(getattr(pipe, "encode_prompt_with_trigger_word", None)))
 
-    prompt_embeds (B, L, D), class_tokens_mask (B, L) bool -> (B * K, D), where K is the
-    number of true positions per row, in batch-major then position order.
+
+def official_tokens_per_image(id_encoder: torch.nn.Module) -> int:
+    """T from the official encoder itself: 2 when it has V2's perceiver, else 1.
+
+    The pipeline's ``num_tokens`` is always 2 in current code, also for V1, which is why
+    the official code crashes on V1; it is deliberately not read.
     """
-    return prompt_embeds[class_tokens_mask]
+    return 2 if hasattr(id_encoder, "qformer_perceiver") else 1
 
 
-def scatter_class_token_rows(prompt_embeds: torch.Tensor, class_tokens_mask: torch.Tensor,
-                             rows: torch.Tensor) -> torch.Tensor:
-    """A copy of ``prompt_embeds`` whose class-token positions hold ``rows``.
+@dataclass
+class PhotoMakerParts:
+    """What the session needs from a PhotoMaker pipeline, whichever kind it is.
 
-    prompt_embeds (B, L, D), class_tokens_mask (B, L) bool, rows (B * K, D) in the order
-    of ``gather_class_token_rows`` -> (B, L, D). The input is not modified, and every
-    unmasked position is copied unchanged.
+    encoder: the ID encoder module; tokens_per_image: T (1 V1, 2 V2); official: whether it
+    is the official pipeline's own encoder (then called with its own signature).
     """
-    out = prompt_embeds.clone()
-    out[class_tokens_mask] = rows.to(out.dtype)
-    return out
+
+    encoder: torch.nn.Module
+    version: str
+    tokens_per_image: int
+    trigger_word: str
+    adapter_name: str
+    official: bool
+    face_analyzer: Any = None
+    image_processor: Any = None
+
+    @classmethod
+    def of(cls, pipe: Any) -> PhotoMakerParts:
+        state = getattr(pipe, "photomaker", None)
+        if isinstance(state, PhotoMakerState):
+            return cls(state.encoder, state.version, state.tokens_per_image, state.trigger_word,
+                       state.adapter_name, official=False, face_analyzer=state.face_analyzer)
+        if is_official_photomaker_pipeline(pipe):
+            tokens = official_tokens_per_image(pipe.id_encoder)
+            return cls(pipe.id_encoder, "v2" if tokens == 2 else "v1", tokens, pipe.trigger_word,
+                       ADAPTER_NAME, official=True, image_processor=pipe.id_image_processor)
+        raise ConfigError("this pipeline has no PhotoMaker loaded: call "
+                          "bf_backends.photomaker.loader.load_photomaker(pipe, checkpoint) first, or "
+                          "wrap the official PhotoMakerStableDiffusionXLPipeline.")
+
+    def pixel_values(self, images: list) -> torch.Tensor:
+        """(N, 3, 224, 224) CLIP pixels of the whole reference images, in order."""
+        if self.image_processor is not None:  # the official pipeline's own preprocessing
+            return self.image_processor(images, return_tensors="pt").pixel_values
+        return preprocess_id_images(images, size=self.encoder.image_size)
+
+    def fuse(self, encoded: TriggerPromptEmbeds, pixel_values: torch.Tensor,
+             face_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The ID-fused prompt embedding P' (1, 77, D) in the prompt's dtype."""
+        if not self.official:
+            return fuse_identity(self.encoder, encoded, pixel_values, face_embeds)
+        weight = next(self.encoder.parameters())
+        args = [pixel_values.unsqueeze(0).to(weight.device, weight.dtype),
+                # the official fuse writes into its input: give it a copy
+                encoded.prompt_embeds.clone().to(weight.device),
+                encoded.class_tokens_mask.to(weight.device)]
+        if face_embeds is not None:
+            args.append(face_embeds.unsqueeze(0).to(weight.device, weight.dtype))
+        fused = self.encoder(*args)
+        return fused.to(encoded.prompt_embeds.device, encoded.prompt_embeds.dtype)
 
 
-def check_class_token_count(class_tokens_mask: torch.Tensor, num_id_tokens: int) -> None:
-    """Raise unless every prompt row has exactly ``num_id_tokens`` class-token positions.
+@contextmanager
+def encoder_on_execution_device(encoder: torch.nn.Module, pipe: Any) -> Iterator[None]:
+    """Run the ID encoder where the pipeline runs, then park it with the UNet's weights.
 
-    class_tokens_mask (B, L) bool. A mismatch happens when the repeated class word runs
-    past the 77-token limit; the official code then silently drops images (V1) or fails
-    with a size error, so we refuse with a message that says what to change.
+    The encoder is not a registered pipeline component, so neither ``pipe.to`` nor CPU
+    offload moves it; following the UNet here gives the same effect: after ``pipe.to
+    ("cuda")`` it stays on the GPU, under model CPU offload it goes back to the CPU. Its
+    dtype follows the UNet's.
     """
-    counts = class_tokens_mask.sum(dim=-1)
-    if bool((counts != num_id_tokens).any()):
-        raise ConfigError(
-            f"the class-token mask marks {counts.tolist()} position(s) per prompt but the "
-            f"ID encoder produced {num_id_tokens} ID token(s) per prompt. The repeated class "
-            "word probably ran past the 77-token limit: shorten the prompt, put the class "
-            "word and trigger earlier, or use fewer reference images.")
-
-
-def fuse_text_and_id(text_rows: torch.Tensor, id_rows: torch.Tensor,
-                     fuse_module: PhotoMakerFuseModule) -> torch.Tensor:
-    """PhotoMaker's fusion of one text vector with one ID vector, row by row.
-
-    text_rows (K, D) = c_k, id_rows (K, D) = e_k -> (K, D):
-    f_k = layer_norm(mlp2(mlp1(concat(c_k, e_k)) + c_k)), text first in the concat;
-    ``mlp1`` has no internal residual, ``mlp2`` has one.
-    """
-    stacked = torch.cat([text_rows, id_rows], dim=-1)
-    merged = fuse_module.mlp1(stacked) + text_rows
-    return fuse_module.layer_norm(fuse_module.mlp2(merged))
-
-
-def perceiver_attention_weights(queries: torch.Tensor, keys: torch.Tensor,
-                                head_dim: int) -> torch.Tensor:
-    """Softmax attention weights with the scale split evenly between q and k.
-
-    queries (B, H, Q, d), keys (B, H, S, d) -> (B, H, Q, S). Both sides are scaled by
-    d^-1/4 before the product (more stable in half precision than one d^-1/2), and the
-    softmax runs in float32 then returns to the input dtype.
-    """
-    scale = head_dim ** -0.25
-    scores = (queries * scale) @ (keys * scale).transpose(-2, -1)
-    return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-
-
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, S, H * d) -> (B, H, S, d); each head takes a contiguous block of channels."""
-    batch, length, width = x.shape
-    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, d) -> (B, S, H * d), the inverse of ``split_heads``."""
-    batch, heads, length, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    encoder.to(device=device, dtype=dtype)
+    try:
+        yield
+    finally:
+        home = pipe.unet.device
+        if home != device:
+            encoder.to(home)
 
 
 # --------------------------------------------------------------------------------------
-# Modules (attribute names fixed by the checkpoint keys)
+# Reference inputs and fused prompts
 # --------------------------------------------------------------------------------------
 
 
-class PhotoMakerMLP(nn.Module):
-    """LayerNorm -> Linear -> exact GELU -> Linear, optionally adding its input back."""
+@dataclass
+class ReferenceInputs:
+    """The encoder inputs of one person: pixels (N, 3, 224, 224), V2 face embeds (N, 512)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, use_residual: bool):
-        super().__init__()
-        if use_residual and in_dim != out_dim:
-            raise ConfigError(f"a residual MLP needs in_dim == out_dim, got {in_dim} and "
-                             f"{out_dim}; pass use_residual=False or equal widths.")
-        self.layernorm = nn.LayerNorm(in_dim)
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
-        self.use_residual = use_residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in_dim) -> (..., out_dim)."""
-        out = self.fc2(F.gelu(self.fc1(self.layernorm(x))))
-        return out + x if self.use_residual else out
-
-
-class PhotoMakerFuseModule(nn.Module):
-    """Weights of the text/ID fusion; the math is ``fuse_text_and_id``."""
-
-    def __init__(self, embed_dim: int):
-        super().__init__()
-        self.mlp1 = PhotoMakerMLP(embed_dim * 2, embed_dim, embed_dim, use_residual=False)
-        self.mlp2 = PhotoMakerMLP(embed_dim, embed_dim, embed_dim, use_residual=True)
-        self.layer_norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, prompt_embeds: torch.Tensor, class_tokens_mask: torch.Tensor,
-                id_tokens: torch.Tensor) -> torch.Tensor:
-        """Fused prompt embedding P'; the input is left untouched.
-
-        prompt_embeds (B, L, D), class_tokens_mask (B, L) bool with K true positions per
-        row, id_tokens (B, K, D) in image-major then token order -> (B, L, D) in the
-        prompt's dtype.
-        """
-        batch, num_id_tokens, width = id_tokens.shape
-        check_class_token_count(class_tokens_mask, num_id_tokens)
-        text_rows = gather_class_token_rows(prompt_embeds, class_tokens_mask)
-        # The fusion runs in the weights' dtype (the official code fails on a mismatch;
-        # with equal dtypes, the usual case, nothing is cast), the result in the prompt's.
-        weight_dtype = self.layer_norm.weight.dtype
-        id_rows = id_tokens.reshape(batch * num_id_tokens, width).to(weight_dtype)
-        fused = fuse_text_and_id(text_rows.to(weight_dtype), id_rows, self)
-        return scatter_class_token_rows(prompt_embeds, class_tokens_mask, fused)
-
-
-class PerceiverAttention(nn.Module):
-    """Cross-attention of the queries over [image tokens; queries], pre-normed."""
-
-    def __init__(self, dim: int, head_dim: int, num_heads: int):
-        super().__init__()
-        inner = head_dim * num_heads
-        self.head_dim, self.num_heads = head_dim, num_heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, image_tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """image_tokens (B, S, dim), queries (B, Q, dim) -> update (B, Q, dim), no residual."""
-        image_normed = self.norm1(image_tokens)
-        queries_normed = self.norm2(queries)
-        context = torch.cat([image_normed, queries_normed], dim=-2)
-        keys, values = self.to_kv(context).chunk(2, dim=-1)
-        q = split_heads(self.to_q(queries_normed), self.num_heads)
-        k = split_heads(keys, self.num_heads)
-        v = split_heads(values, self.num_heads)
-        weights = perceiver_attention_weights(q, k, self.head_dim)
-        return self.to_out(merge_heads(weights @ v))
-
-
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
-    """LayerNorm -> Linear (no bias) -> GELU -> Linear (no bias); keys .0, .1, .3."""
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
-
-
-class FacePerceiverResampler(nn.Module):
-    """Refines the face-seeded queries over the projected CLIP tokens."""
-
-    def __init__(self, dim: int, depth: int, head_dim: int, num_heads: int,
-                 embedding_dim: int, output_dim: int, ff_mult: int):
-        super().__init__()
-        self.proj_in = nn.Linear(embedding_dim, dim)
-        self.proj_out = nn.Linear(dim, output_dim)
-        self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, head_dim, num_heads), _feed_forward(dim, ff_mult)])
-            for _ in range(depth))
-
-    def forward(self, queries: torch.Tensor, image_hidden: torch.Tensor) -> torch.Tensor:
-        """queries (B, Q, dim), image_hidden (B, S, embedding_dim) -> (B, Q, output_dim)."""
-        # The image tokens are projected once and re-normed by each layer, never updated.
-        image_tokens = self.proj_in(image_hidden)
-        for attention, feed_forward in self.layers:
-            queries = queries + attention(image_tokens, queries)
-            queries = queries + feed_forward(queries)
-        return self.norm_out(self.proj_out(queries))
-
-
-class QFormerPerceiver(nn.Module):
-    """V2's ID token maker: face embedding -> T queries -> perceiver over CLIP tokens."""
-
-    def __init__(self, id_embedding_dim: int, cross_attention_dim: int, num_tokens: int,
-                 embedding_dim: int, head_dim: int, depth: int, ratio: int, ff_mult: int):
-        super().__init__()
-        if cross_attention_dim % head_dim:
-            raise ConfigError(f"cross_attention_dim {cross_attention_dim} must be a multiple "
-                             f"of the perceiver head_dim {head_dim}; pick a head_dim that "
-                             "divides it.")
-        self.num_tokens = num_tokens
-        self.cross_attention_dim = cross_attention_dim
-        hidden = id_embedding_dim * ratio
-        self.token_proj = nn.Sequential(nn.Linear(id_embedding_dim, hidden), nn.GELU(),
-                                        nn.Linear(hidden, cross_attention_dim * num_tokens))
-        self.token_norm = nn.LayerNorm(cross_attention_dim)
-        self.perceiver_resampler = FacePerceiverResampler(
-            dim=cross_attention_dim, depth=depth, head_dim=head_dim,
-            num_heads=cross_attention_dim // head_dim, embedding_dim=embedding_dim,
-            output_dim=cross_attention_dim, ff_mult=ff_mult)
-
-    def forward(self, face_embeds: torch.Tensor, image_hidden: torch.Tensor) -> torch.Tensor:
-        """face_embeds (M, 512), image_hidden (M, S, hidden) -> ID tokens (M, T, D).
-
-        Queries Q0 = token_norm(reshape(token_proj(a))); result Q0 + perceiver(Q0, H).
-        """
-        queries = self.token_proj(face_embeds)
-        queries = self.token_norm(queries.reshape(-1, self.num_tokens, self.cross_attention_dim))
-        return queries + self.perceiver_resampler(queries, image_hidden)
-
-
-# --------------------------------------------------------------------------------------
-# The two encoders
-# --------------------------------------------------------------------------------------
-
-
-def _as_image_batch(pixel_values: torch.Tensor) -> torch.Tensor:
-    """Accept (N, 3, H, W) for one prompt or (B, N, 3, H, W); return the 5-d form."""
-    if pixel_values.dim() == 4:
-        return pixel_values.unsqueeze(0)
-    if pixel_values.dim() != 5:
-        raise ConfigError(f"pixel_values must be (N, 3, H, W) or (B, N, 3, H, W), got shape "
-                         f"{tuple(pixel_values.shape)}; preprocess the images with "
-                         "preprocess_id_images first.")
-    return pixel_values
-
-
-class _PhotoMakerEncoderBase(nn.Module):
-    """Vision tower, the two projections and the fuse module shared by V1 and V2."""
-
-    version: ClassVar[str]
-    tokens_per_image: ClassVar[int]
-
-    def __init__(self, vision_config: CLIPVisionConfig | None = None,
-                 second_projection_dim: int = REAL_SECOND_PROJECTION_DIM):
-        super().__init__()
-        from transformers import CLIPVisionModelWithProjection
-
-        self.vision_config = vision_config if vision_config is not None else real_vision_config()
-        # Borrow the tower and first projection so the keys read vision_model.* and
-        # visual_projection.* exactly as in the checkpoints, on any transformers version.
-        tower = CLIPVisionModelWithProjection(self.vision_config)
-        self.vision_model = tower.vision_model
-        self.visual_projection = tower.visual_projection
-        hidden = self.vision_config.hidden_size
-        self.visual_projection_2 = nn.Linear(hidden, second_projection_dim, bias=False)
-        self.embed_dim = self.vision_config.projection_dim + second_projection_dim
-        self.fuse_module = PhotoMakerFuseModule(self.embed_dim)
+    pixel_values: torch.Tensor
+    face_embeds: torch.Tensor | None
 
     @property
-    def image_size(self) -> int:
-        """Side in pixels of the square images the vision tower takes."""
-        return self.vision_config.image_size
-
-    def _run_tower(self, pixel_values: torch.Tensor):
-        """pixel_values (B, N, 3, H, W) -> tower output over the B * N images, batched."""
-        batch, count = pixel_values.shape[:2]
-        flat = pixel_values.reshape(batch * count, *pixel_values.shape[2:])
-        return self.vision_model(pixel_values=flat.to(self.visual_projection.weight.dtype))
-
-    def fuse(self, prompt_embeds: torch.Tensor, class_tokens_mask: torch.Tensor,
-             id_tokens: torch.Tensor) -> torch.Tensor:
-        """P' from the prompt embedding, its class-token mask and ID tokens (B, K, D)."""
-        return self.fuse_module(prompt_embeds, class_tokens_mask, id_tokens)
+    def count(self) -> int:
+        return int(self.pixel_values.shape[0])
 
 
-class PhotoMakerIDEncoderV1(_PhotoMakerEncoderBase):
-    """PhotoMaker V1: one ID vector per image from the pooled CLIP output.
+def as_prompt_list(prompt: str | list[str], batch_size: int) -> list[str]:
+    return [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
 
-    Keys and shapes at the default sizes equal the ``id_encoder`` part of
-    ``photomaker-v1.bin`` (407 tensors).
+
+def _repeat_rows(tensor: torch.Tensor, times: int) -> torch.Tensor:
+    """(B, ...) -> (B * times, ...), each row repeated in place, as diffusers repeats."""
+    return tensor.repeat_interleave(times, dim=0)
+
+
+def text_only_prompt(pipe: Any, parts: PhotoMakerParts, prompt: str | list[str] | None):
+    """The prompt with its trigger word removed, as PhotoMaker's text-only prompt.
+
+    A prompt without the trigger is returned unchanged (not re-decoded), so the semantic
+    line of a plain scene prompt is exactly the stock SDXL encoding.
+    """
+    if prompt is None:
+        return None
+    if isinstance(prompt, list):
+        return [text_only_prompt(pipe, parts, p) for p in prompt]
+    tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
+    trigger = trigger_token_id(tokenizer, parts.trigger_word)
+    if trigger not in tokenizer.encode(prompt, add_special_tokens=False):
+        return prompt
+    return remove_trigger_word(tokenizer, prompt, parts.trigger_word)
+
+
+def fused_prompts(pipe: Any, parts: PhotoMakerParts, request: GenerationRequest,
+                  references: ReferenceInputs, prompts: list[str],
+                  prompt_2: str | list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ID-fused embeddings (R, 77, D) and pooled (R, P) of trigger-word prompts."""
+    second = as_prompt_list(prompt_2, len(prompts)) if prompt_2 is not None else None
+    embeds, pooled = [], []
+    with encoder_on_execution_device(parts.encoder, pipe), torch.no_grad():
+        for index, prompt in enumerate(prompts):
+            encoded = encode_prompt_with_trigger(
+                pipe, prompt, parts.trigger_word, references.count, parts.tokens_per_image,
+                prompt_2=second[index] if second else None, clip_skip=request.clip_skip,
+                device=request.device)
+            embeds.append(parts.fuse(encoded, references.pixel_values, references.face_embeds))
+            pooled.append(encoded.pooled_prompt_embeds)
+    repeats = request.num_images_per_prompt
+    return _repeat_rows(torch.cat(embeds), repeats), _repeat_rows(torch.cat(pooled), repeats)
+
+
+class PhotoMakerIdentityEncoder:
+    """A person's photos + ``P_id`` -> T_id, the ID-fused ``P_id`` embedding (R, 77, D).
+
+    pipe, request, parts: the call's pipeline, request and PhotoMaker parts;
+    face_analyzer(model, root, providers): the backend's (cached) V2 face analyser, used
+    when the call gives neither ``id_embeds`` nor ``face_analyzer``.
     """
 
-    version = "v1"
-    tokens_per_image = 1
+    def __init__(self, pipe: Any, request: GenerationRequest, parts: PhotoMakerParts,
+                 face_analyzer: Any):
+        self.pipe, self.request, self.parts = pipe, request, parts
+        self.face_analyzer = face_analyzer
 
-    def encode_id_tokens(self, pixel_values: torch.Tensor,
-                         face_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """pixel_values (B, N, 3, H, W) or (N, 3, H, W) -> ID tokens (B, N, D).
+    def encode(self, person: Person) -> Identity:
+        references = self.references(person)
+        id_prompt = person.id_prompt or f"a person {self.parts.trigger_word}"
+        conditioning = self.id_line_text(id_prompt, references)
+        return Identity(id_prompt, conditioning.prompt_embeds, conditioning.negative_prompt_embeds,
+                        state={"references": references, "conditioning": conditioning})
 
-        e_n = concat(visual_projection(z_n), visual_projection_2(z_n)) with z_n the
-        post-layer-norm CLS output; CLIP-L width first, as in the SDXL text concat.
+    def references(self, person: Person) -> ReferenceInputs:
+        """Pixels and (V2) face embeddings of the person's reference images."""
+        from bf_core.images import load_images
+
+        if not person.id_images:
+            raise ImageInputError("PhotoMaker needs reference photos of the person: pass "
+                                  "id_images=[...] (PIL images, paths or arrays).")
+        given = person.id_images
+        items = list(given) if isinstance(given, (list, tuple)) else [given]
+        images = load_images(items)
+        faces = self.face_embeddings(items) if self.parts.tokens_per_image == 2 else None
+        return ReferenceInputs(self.parts.pixel_values(images), faces)
+
+    def face_embeddings(self, images: list) -> torch.Tensor:
+        """(N, 512) raw ArcFace embeddings, the chosen face of each image, in order.
+
+        ``images`` are the caller's own items, so that a photo without a face is named
+        by its path.
         """
-        if face_embeds is not None:
-            raise ConfigError("PhotoMaker V1 uses no face embeddings; pass face_embeds=None "
-                             "(only V2 takes insightface embeddings).")
-        pixel_values = _as_image_batch(pixel_values)
-        batch, count = pixel_values.shape[:2]
-        pooled = self._run_tower(pixel_values).pooler_output
-        id_vectors = torch.cat([self.visual_projection(pooled), self.visual_projection_2(pooled)],
-                               dim=-1)
-        return id_vectors.reshape(batch, count, self.embed_dim)
+        options = self.request.backend_options
+        given = options.get("id_embeds")
+        if given is not None:
+            embeds = torch.as_tensor(np.asarray(given, dtype=np.float32)).reshape(
+                -1, FACE_EMBEDDING_DIM)
+            if embeds.shape[0] != len(images):
+                raise ConfigError(f"id_embeds holds {embeds.shape[0]} embedding(s) for "
+                                  f"{len(images)} reference image(s); give one per image, in order")
+            return embeds
+        analyzer = options.get("face_analyzer") or self.parts.face_analyzer \
+            or self.face_analyzer(options.get("face_model", "buffalo_l"), options.get("face_root"),
+                                  options.get("face_providers"))
+        faces = analyzer.embed(images, policy=options.get("face_policy", DEFAULT_FACE_POLICY))
+        return torch.from_numpy(np.stack([face.embedding for face in faces]))
 
-    def forward(self, pixel_values: torch.Tensor, prompt_embeds: torch.Tensor,
-                class_tokens_mask: torch.Tensor) -> torch.Tensor:
-        """Fused prompt embedding (B, L, D); see ``encode_id_tokens`` and ``fuse``."""
-        return self.fuse(prompt_embeds, class_tokens_mask, self.encode_id_tokens(pixel_values))
-
-
-class PhotoMakerIDEncoderV2(_PhotoMakerEncoderBase):
-    """PhotoMaker V2: two ID tokens per image from a face embedding and the CLIP tokens.
-
-    Keys and shapes at the default sizes equal the ``id_encoder`` part of
-    ``photomaker-v2.bin`` (463 tensors). ``visual_projection`` and
-    ``visual_projection_2`` are stored in the checkpoint and kept here so a strict load
-    works, but the V2 computation does not use them.
-    """
-
-    version = "v2"
-    tokens_per_image = 2
-
-    def __init__(self, vision_config: CLIPVisionConfig | None = None,
-                 second_projection_dim: int = REAL_SECOND_PROJECTION_DIM,
-                 face_embedding_dim: int = FACE_EMBEDDING_DIM, perceiver_head_dim: int = 128,
-                 perceiver_depth: int = 4, token_proj_ratio: int = 4, ff_mult: int = 4):
-        super().__init__(vision_config, second_projection_dim)
-        self.face_embedding_dim = face_embedding_dim
-        self.qformer_perceiver = QFormerPerceiver(
-            id_embedding_dim=face_embedding_dim, cross_attention_dim=self.embed_dim,
-            num_tokens=self.tokens_per_image, embedding_dim=self.vision_config.hidden_size,
-            head_dim=perceiver_head_dim, depth=perceiver_depth, ratio=token_proj_ratio,
-            ff_mult=ff_mult)
-
-    def encode_id_tokens(self, pixel_values: torch.Tensor,
-                         face_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """pixel_values (B, N, 3, H, W) or (N, 3, H, W), face_embeds (B, N, 512) or (N, 512)
-        (raw insightface embeddings, one per image, same order) -> ID tokens (B, N * 2, D),
-        image-major then token.
-
-        The CLIP branch uses ``last_hidden_state`` (all tokens, no post layer norm).
-        """
-        pixel_values = _as_image_batch(pixel_values)
-        batch, count = pixel_values.shape[:2]
-        if face_embeds is None:
-            raise ConfigError("PhotoMaker V2 needs one insightface embedding per reference "
-                             "image: pass face_embeds of shape (N, 512).")
-        if face_embeds.dim() == 2:
-            face_embeds = face_embeds.unsqueeze(0)
-        if tuple(face_embeds.shape) != (batch, count, self.face_embedding_dim):
-            raise ConfigError(
-                f"face_embeds has shape {tuple(face_embeds.shape)} but the {count} reference "
-                f"image(s) need ({batch}, {count}, {self.face_embedding_dim}): give exactly "
-                "one face embedding per image, in the same order (drop images without a face).")
-        hidden = self._run_tower(pixel_values).last_hidden_state
-        faces = face_embeds.reshape(batch * count, -1).to(hidden.dtype)
-        id_tokens = self.qformer_perceiver(faces, hidden)
-        return id_tokens.reshape(batch, count * self.tokens_per_image, self.embed_dim)
-
-    def forward(self, pixel_values: torch.Tensor, prompt_embeds: torch.Tensor,
-                class_tokens_mask: torch.Tensor, face_embeds: torch.Tensor) -> torch.Tensor:
-        """Fused prompt embedding (B, L, D); see ``encode_id_tokens`` and ``fuse``."""
-        id_tokens = self.encode_id_tokens(pixel_values, face_embeds)
-        return self.fuse(prompt_embeds, class_tokens_mask, id_tokens)
-
-
-PhotoMakerIDEncoder = PhotoMakerIDEncoderV1 | PhotoMakerIDEncoderV2
-
-ENCODER_CLASSES: dict[str, type[_PhotoMakerEncoderBase]] = {
-    "v1": PhotoMakerIDEncoderV1,
-    "v2": PhotoMakerIDEncoderV2,
-}
-
-
-def tiny_config(version: str) -> dict:
-    """Constructor arguments of a tiny V1/V2 encoder whose ID vectors are 64 wide.
-
-    64 = 32 + 32 matches the tiny test SDXL pipeline (two text encoders of hidden 32,
-    UNet cross_attention_dim 64). V2 uses 16-wide perceiver heads (4 heads), one layer,
-    and a narrow query projection.
-    """
-    kwargs: dict = {"vision_config": tiny_vision_config(), "second_projection_dim": 32}
-    if version == "v2":
-        kwargs.update(perceiver_head_dim=16, perceiver_depth=1, token_proj_ratio=1, ff_mult=2)
-    elif version != "v1":
-        raise ConfigError(f"unknown PhotoMaker version {version!r}; use 'v1' or 'v2'.")
-    return kwargs
-
-
-def build_tiny_encoder(version: str) -> PhotoMakerIDEncoderV1 | PhotoMakerIDEncoderV2:
-    """A tiny random-weight encoder of the given version (for tests)."""
-    return ENCODER_CLASSES[version](**tiny_config(version))
+    def id_line_text(self, id_prompt: str, references: ReferenceInputs) -> LineConditioning:
+        """Fused ``P_id`` with its pooled vector; the negative encoded as plain text."""
+        pipe, request = self.pipe, self.request
+        text = encode_line_text(pipe, request, text_only_prompt(pipe, self.parts, id_prompt),
+                                negative_prompt=id_negative_prompt(request),
+                                negative_prompt_2=request.backend_options.get("id_negative_prompt_2"))
+        # One identity for every prompt of the batch: fuse P_id once, repeat it per prompt.
+        embeds, pooled = fused_prompts(pipe, self.parts, request, references, [id_prompt], None)
+        rows = request.batch_size
+        return dataclasses.replace(text, prompt_embeds=embeds.repeat(rows, 1, 1),
+                                   pooled=pooled.repeat(rows, 1))

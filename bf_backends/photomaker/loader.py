@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bf_backends.photomaker.encoder import (
+from bf_backends.photomaker.modules import (
     ENCODER_CLASSES,
     PhotoMakerIDEncoderV1,
     PhotoMakerIDEncoderV2,
@@ -445,10 +445,23 @@ def load_photomaker_pipeline(base_model: str, checkpoint: str | os.PathLike,
     ``SG161222/RealVisXL_V4.0``, the official demos' base). checkpoint: a ``.bin`` /
     ``.safetensors`` path or ``TencentARC/PhotoMaker`` / ``TencentARC/PhotoMaker-V2``.
     """
-    from bf_core.sdxl import load_sdxl_pipeline
+    from bf_core.hosts.sdxl import load_sdxl_pipeline
 
     path = resolve_checkpoint(checkpoint, local_files_only)
     pipe = load_sdxl_pipeline(base_model, torch_dtype=torch_dtype, device=device,
                               local_files_only=local_files_only)
     load_photomaker(pipe, path, version, trigger_word=trigger_word)
     return pipe
+
+
+def load_pipeline_setup(base_model: str, checkpoint: str | None, *, torch_dtype=None,
+                        device: str | None = None):
+    """``BackendExtras.load_pipeline``: a base SDXL model with a PhotoMaker checkpoint."""
+    from bf_core.extras import PipelineSetup
+
+    if not checkpoint:
+        raise ConfigError("PhotoMaker needs its checkpoint: pass the path of "
+                          "photomaker-v2.bin (or photomaker-v1.bin) or "
+                          "'TencentARC/PhotoMaker-V2'")
+    return PipelineSetup(load_photomaker_pipeline(base_model, checkpoint,
+                                                  torch_dtype=torch_dtype, device=device))

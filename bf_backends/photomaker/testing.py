@@ -1,8 +1,10 @@
-"""Tiny PhotoMaker checkpoints in the official layout, for offline tests.
+"""Tiny PhotoMaker pipelines and checkpoints in the official layout (test support).
 
 ``write_tiny_checkpoint`` saves a tiny encoder's weights and a random LoRA on every
 attention projection of a (tiny) UNet exactly as the official files are organised, so
-``load_photomaker`` can be exercised end to end without the real weights.
+``load_photomaker`` can be exercised end to end without the real weights. ``tiny_setup``
+(the demo's pipeline) and ``speed_setup`` (the speed script's) reach the CLI and the
+benchmark through the backend's extras.
 """
 
 from __future__ import annotations
@@ -12,11 +14,20 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bf_backends.photomaker.encoder import PhotoMakerIDEncoderV1, PhotoMakerIDEncoderV2
+from bf_backends.photomaker.modules import (
+    ENCODER_CLASSES,
+    PhotoMakerIDEncoderV1,
+    PhotoMakerIDEncoderV2,
+)
+from bf_core.errors import ConfigError
+from bf_core.extras import PipelineSetup, SpeedSetup
+
+if TYPE_CHECKING:
+    from transformers import CLIPVisionConfig
 
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 
@@ -119,7 +130,6 @@ def tiny_pipeline(version: int | str = 2, seed: int = 0, scheduler: str = "ddim"
     onnxruntime and onnx); None leaves the default (real ``buffalo_l``); or pass an
     analyzer. Deterministic per ``seed``; the global random state is left alone.
     """
-    from bf_backends.photomaker.encoder import build_tiny_encoder
     from bf_backends.photomaker.loader import load_photomaker, normalize_version
     from bf_core.testing import tiny_sdxl_pipeline
 
@@ -150,12 +160,11 @@ def tiny_pipeline(version: int | str = 2, seed: int = 0, scheduler: str = "ddim"
 DEMO_PROMPT = "a person img is kneeling by a small lake, touching the water, full body, wide shot"
 
 
-def demo_setup(seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """The ``beyondfacial demo`` run: a tiny V2 pipeline and its call keywords.
+def tiny_setup(seed: int = 0) -> PipelineSetup:
+    """The demo's pipeline: a tiny V2 pipeline with the bundled reference photo and P_id.
 
     Falls back to V1 (no face analysis) when insightface, onnxruntime or onnx is not
-    installed. The keywords hold the bundled reference photo, ``P_id`` and a prompt with
-    the trigger word, so the method-off comparison runs PhotoMaker's own algorithm.
+    installed. A random face pack rides on the pipeline, so no face option is needed.
     """
     import warnings
 
@@ -168,8 +177,36 @@ def demo_setup(seed: int = 0) -> tuple[Any, dict[str, Any]]:
         warnings.warn(f"PhotoMaker V2's face analysis is unavailable ({exc}); the demo uses "
                       "V1. Install beyondfacial[faces] and onnx for V2.", stacklevel=2)
         pipe = tiny_pipeline(version=1, seed=seed)
-    return pipe, {"prompt": DEMO_PROMPT, "id_images": [str(reference_photo_path())],
-                  "id_prompt": "a person img"}
+    return PipelineSetup(pipe, identity={"id_images": [str(reference_photo_path())],
+                                         "id_prompt": "a person img"})
+
+
+#: The rank of the published PhotoMaker LoRA.
+REAL_LORA_RANK = 64
+ARCFACE_DIM = 512
+
+
+def speed_setup(pipe: Any, real: bool, resolution: int, seed: int = 0,
+                lora_rank: int = 64) -> SpeedSetup:
+    """PhotoMaker V2 at the pipeline's size (random weights): its ID encoder and LoRA via
+    ``load_photomaker``; a precomputed ArcFace embedding replaces the face analyser. The
+    baseline (PhotoMaker's own algorithm) needs the trigger word in the scene prompt."""
+    from PIL import Image
+
+    from bf_backends.photomaker.loader import load_photomaker
+
+    encoder = _seeded(lambda: PhotoMakerIDEncoderV2() if real else build_tiny_encoder("v2"), seed)
+    checkpoint = {"id_encoder": encoder.state_dict(),
+                  "lora_weights": make_tiny_lora_weights(pipe.unet, rank=REAL_LORA_RANK if real
+                                                         else 4, seed=seed)}
+    state = load_photomaker(pipe, checkpoint, "v2", encoder=encoder)
+    trigger = state.trigger_word
+    face = torch.randn((1, ARCFACE_DIM), generator=torch.Generator().manual_seed(seed))
+    # The CLIP tower still reads pixels; their content does not change the cost.
+    photo = Image.new("RGB", (96, 96), (180, 140, 120))
+    identity = {"id_images": [photo], "id_prompt": f"a person {trigger}", "id_embeds": face}
+    return SpeedSetup(pipe, identity, prompt=f"a person {trigger} is kneeling by a small lake, "
+                                             "touching the water gently")
 
 
 # --------------------------------------------------------------------------------------
@@ -222,3 +259,36 @@ def official_like(pipe):
     official.id_image_processor = lambda images, return_tensors: _Processed(
         preprocess_id_images(images))
     return official
+
+
+def tiny_vision_config() -> CLIPVisionConfig:
+    """A 2-layer, 32-wide vision tower for tests (still 224 px, so 257 tokens).
+
+    With ``projection_dim`` 32 and a second projection of 32 the ID vectors are 64 wide,
+    the text width of the tiny test SDXL pipeline (two text encoders of hidden size 32).
+    """
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, patch_size=14, image_size=224,
+                            projection_dim=32)
+
+
+def tiny_config(version: str) -> dict:
+    """Constructor arguments of a tiny V1/V2 encoder whose ID vectors are 64 wide.
+
+    64 = 32 + 32 matches the tiny test SDXL pipeline (two text encoders of hidden 32,
+    UNet cross_attention_dim 64). V2 uses 16-wide perceiver heads (4 heads), one layer,
+    and a narrow query projection.
+    """
+    kwargs: dict = {"vision_config": tiny_vision_config(), "second_projection_dim": 32}
+    if version == "v2":
+        kwargs.update(perceiver_head_dim=16, perceiver_depth=1, token_proj_ratio=1, ff_mult=2)
+    elif version != "v1":
+        raise ConfigError(f"unknown PhotoMaker version {version!r}; use 'v1' or 'v2'.")
+    return kwargs
+
+
+def build_tiny_encoder(version: str) -> PhotoMakerIDEncoderV1 | PhotoMakerIDEncoderV2:
+    """A tiny random-weight encoder of the given version (for tests)."""
+    return ENCODER_CLASSES[version](**tiny_config(version))

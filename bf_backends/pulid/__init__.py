@@ -8,3 +8,14 @@ def bf_register_backends(register):
     from bf_backends.pulid.backend import PuLIDBackend
 
     register(PuLIDBackend())
+
+
+@hookimpl
+def bf_backend_extras(backend):
+    if backend != "pulid":
+        return None
+    from bf_core.extras import folder_extras
+
+    return folder_extras("bf_backends.pulid",
+                         prompt="a person is kneeling by a small lake",
+                         id_prompt="a person")

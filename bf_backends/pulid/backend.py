@@ -1,128 +1,82 @@
 """The PuLID backend: a diffusers SDXL pipeline with PuLID's ID attention attached.
 
-Set-up: :func:`attach_pulid` loads an official PuLID file (v1 or v1.1) into our ID
-encoder and ID attention processors and leaves a :class:`PuLIDAdapter` at ``pipe.pulid``;
-that attribute is how the backend recognises a pipeline. With no ID tokens set, the
-processors hand every call to the processors they replaced, so the pipeline's own
-``pipe(...)`` still draws plain SDXL, and ``pipe(..., cross_attention_kwargs={"id_embedding":
-[E_neg ; E], "id_scale": s})`` is the official PuLID v1 call.
+Set-up: ``bf_backends.pulid.loader.attach_pulid`` (also importable from here) loads an
+official PuLID file (v1 or v1.1) into our ID encoder and ID attention processors and
+leaves a ``PuLIDAdapter`` at ``pipe.pulid``; that attribute is how the backend recognises
+a pipeline.
 
 Lines (docs/backends/pulid.md):
 - ID line: ID attention on with E (E_neg on the negative branch), prompt ``P_id``;
 - semantic line: ID attention off (each processor calls the one it replaced: base SDXL,
   with the user's LoRA and attention processors as they are); ``semantic_adapters="on"``
   keeps the ID on;
-- baseline (method off): the official v1 fidelity call, ID on for the user's prompt.
+- baseline (method off): the official v1 fidelity call, ID on for the user's prompt; with
+  no reference photos, plain SDXL (the ID attention stays off).
 
 Both lines in one UNet call (``BFConfig.batch_lines``): the semantic and ID rows share one
 call, the ID attention switched per row (``PuLIDAttentionState.enabled_rows``); each
 line keeps its own text conditioning. See :meth:`PuLIDSession.supports_row_batching`.
 T_id = E: (1, 10, 2048) for v1 (5 or 10 more per supplementary image), (1, 32, 2048) for v1.1.
-
-Per-call options (keywords of the wrapped call): ``pulid_mode`` ("fidelity",
-"extremely_style", "v1.1_default", "plain"), ``id_scale``, ``num_zero``, ``ortho``
-("off" / "ortho" / "ortho_v2"), ``id_mix`` (v1: all 10 tokens of supplementary images).
-Unset, they are the attached configuration (fidelity, 0.8 by default).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 
 from bf_backends.pulid.attention import (
     PuLIDAttentionConfig,
-    PuLIDAttentionInstallation,
-    PuLIDAttentionState,
     exact_text_fallback,
 )
-from bf_backends.pulid.encoder import EncoderConfig, IDEncoder, IDFormer
-from bf_backends.pulid.features import FaceFeatures
-from bf_backends.pulid.identity import (
+from bf_backends.pulid.encoder import (
+    PuLIDIdentityEncoder,
     broadcast_rows,
     cfg_rows_embedding,
-    encode_identity,
     guidance_off_sequence,
+    identity_embeddings,
 )
-from bf_backends.pulid.loader import load_pulid
+from bf_backends.pulid.loader import (
+    PULID_ATTRIBUTE,
+    PuLIDAdapter,
+    attach_pulid,
+    detach_pulid,
+    lightning_scheduler,
+    load_pulid_pipeline,
+)
+from bf_core.config import BFConfig
 from bf_core.errors import ConfigError
-from bf_core.images import load_images
-from bf_core.protocols import GenerationRequest, Identity, Line, LineConditioning, RowBatch
-from bf_core.sdxl import SDXLSession, encode_line_text, encode_user_prompt, is_sdxl_pipeline
+from bf_core.hosts import HostCall, ModelCall
+from bf_core.hosts.sdxl import (
+    HOST_NAME,
+    ID_LINE_OPTIONS,
+    RowBatch,
+    SDXLSession,
+    encode_line_text,
+    encode_user_prompt,
+    id_negative_prompt,
+    is_sdxl_pipeline,
+)
+from bf_core.records import Identity, Line, LineConditioning
 
-#: The pipeline attribute that holds the attached :class:`PuLIDAdapter`.
-PULID_ATTRIBUTE = "pulid"
+#: Per-call keywords this backend understands (besides the pipeline's and the method's).
+#: Unset, they are the attached configuration (fidelity, 0.8 by default).
+OPTIONS = {
+    "pulid_mode": "'fidelity' (default), 'extremely_style', 'v1.1_default' or 'plain'",
+    "id_scale": "weight of the ID attention (default: the attached one, 0.8)",
+    "num_zero": "zero tokens appended to the ID tokens (default: the mode's)",
+    "ortho": "'off', 'ortho' or 'ortho_v2' (default: the mode's)",
+    "id_mix": "v1: all 10 tokens of supplementary images, not only their first 5",
+    **ID_LINE_OPTIONS,
+}
 
-FeatureExtractor = Callable[[Any, int], FaceFeatures]
-
-
-@dataclass
-class PuLIDAdapter:
-    """Everything PuLID adds to a pipeline.
-
-    version: "v1" or "v1.1". encoder: the ID encoder (float32). attention: the installed
-    ID processors, whose ``state`` the backend sets per line. features: reference image
-    (and its index) -> :class:`FaceFeatures` (see ``PuLIDFaceFeatures``).
-    """
-
-    version: str
-    encoder: IDEncoder | IDFormer
-    attention: PuLIDAttentionInstallation
-    features: FeatureExtractor
-
-    @property
-    def state(self) -> PuLIDAttentionState:
-        return self.attention.state
-
-
-def attach_pulid(pipe: Any, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
-                 features: FeatureExtractor, *, version: str | None = None,
-                 encoder_config: EncoderConfig | None = None, mode: str = "fidelity",
-                 id_scale: float = 0.8) -> PuLIDAdapter:
-    """Load ``checkpoint`` into ``pipe.unet`` and attach PuLID to ``pipe`` (``pipe.pulid``).
-
-    checkpoint: ``pulid_v1.bin`` / ``pulid_v1.1.safetensors`` or their flat state dict.
-    mode, id_scale: the default ID attention settings ("fidelity" = the paper's baseline).
-    Undo with :func:`detach_pulid`.
-    """
-    if not is_sdxl_pipeline(pipe):
-        raise ConfigError(f"PuLID attaches to a diffusers StableDiffusionXLPipeline; got a "
-                          f"{type(pipe).__name__}.")
-    if getattr(pipe, PULID_ATTRIBUTE, None) is not None:
-        raise ConfigError("PuLID is already attached to this pipeline; call detach_pulid(pipe) "
-                          "first to load another checkpoint.")
-    state = PuLIDAttentionState(PuLIDAttentionConfig.from_mode(mode, id_scale))
-    loaded = load_pulid(checkpoint, pipe.unet, version=version, encoder_config=encoder_config,
-                        state=state)
-    adapter = PuLIDAdapter(loaded.version, loaded.encoder, loaded.attention, features)
-    setattr(pipe, PULID_ATTRIBUTE, adapter)
-    return adapter
-
-
-def detach_pulid(pipe: Any) -> None:
-    """Put back the UNet's original processors and remove ``pipe.pulid``."""
-    adapter = getattr(pipe, PULID_ATTRIBUTE, None)
-    if adapter is not None:
-        adapter.attention.uninstall()
-        setattr(pipe, PULID_ATTRIBUTE, None)
-
-
-def lightning_scheduler(base_scheduler_config: Mapping[str, Any]):
-    """PuLID v1's sampler: DPM-Solver++ from SDXL's scheduler config, trailing spacing.
-
-    ``final_sigmas_type="sigma_min"`` reproduces diffusers 0.25 (the official pin), whose
-    last update did not go to sigma 0; newer defaults change the final latent.
-    """
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler.from_config(
-        dict(base_scheduler_config), timestep_spacing="trailing", final_sigmas_type="sigma_min")
+#: E and E_neg of a call, each (1, T, D) float32.
+Embeddings = tuple[torch.Tensor, torch.Tensor]
+#: The ID state of a merged call: embedding (R, L, D), config, enabled rows (R,) or None.
+MergedEmbedding = tuple[torch.Tensor, PuLIDAttentionConfig, torch.Tensor | None]
 
 
 def attention_config_for(base: PuLIDAttentionConfig,
@@ -137,59 +91,39 @@ def attention_config_for(base: PuLIDAttentionConfig,
     return dataclasses.replace(config, **changes) if changes else config
 
 
-class PuLIDIdentityEncoder:
-    """Reference images -> ``Identity(tokens=E, negative_tokens=E_neg)`` for one call."""
-
-    def __init__(self, session: PuLIDSession) -> None:
-        self.session = session
-
-    def encode(self, id_images: Sequence[Any] | None, id_prompt: str,
-               request: GenerationRequest) -> Identity:
-        embeddings = self.session.id_embeddings()
-        if embeddings is None:
-            raise ConfigError("PuLID needs at least one reference photo: pass id_images=[...] "
-                              "(a path, PIL image or array with one clearly visible face).")
-        positive, negative = embeddings
-        # T_id joins the text tokens in IdAP, so it takes the text embeddings' dtype/device.
-        dtype = self.session.pipe.unet.dtype
-        return Identity(tokens=positive.to(request.device, dtype),
-                        negative_tokens=negative.to(request.device, dtype),
-                        state={"id_embedding": positive, "negative_id_embedding": negative})
-
-
 class PuLIDSession(SDXLSession):
-    """One call: the ID embeddings, and the ID attention state of each line's UNet rows."""
+    """One call: the ID embeddings of its identity, and the ID attention state of each
+    line's UNet rows. One person per call: the lines share the identity they were given."""
 
-    def __init__(self, backend: Any, pipe: Any, request: GenerationRequest, config: Any):
-        super().__init__(backend, pipe, request, config)
-        self.adapter: PuLIDAdapter = getattr(pipe, PULID_ATTRIBUTE)
-        options = request.backend_options
+    def __init__(self, backend: Any, call: HostCall, config: BFConfig):
+        super().__init__(backend, call, config)
+        self.adapter: PuLIDAdapter = getattr(self.pipe, PULID_ATTRIBUTE)
+        options = self.request.backend_options
         self.attention_config = attention_config_for(self.adapter.state.config, options)
         self.id_mix = bool(options.get("id_mix", False))
-        self.encoder = PuLIDIdentityEncoder(self)
-        self._embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._merged_cache: tuple[tuple[RowBatch, ...], Any] = ((), None)
+        self.encoder = PuLIDIdentityEncoder(
+            self.adapter, default_id_prompt=backend.default_id_prompt, id_mix=self.id_mix,
+            photos_required=config.enabled, device=self.request.device,
+            dtype=self.pipe.unet.dtype)
+        self._embeddings: Embeddings | None = None
+        self._scene_with_id: LineConditioning | None = None
+        self._merged_cache: tuple[tuple[RowBatch, ...], MergedEmbedding | None] = ((), None)
 
-    def setup(self) -> None:
+    def open(self, restore: ExitStack) -> None:
         if not self.adapter.attention.installed:
             raise ConfigError("PuLID's processors were uninstalled from this pipeline's UNet; "
                               "attach PuLID again with attach_pulid(pipe, ...).")
         state = self.adapter.state
         saved = (state.id_embedding, state.config, state.enabled, state.enabled_rows)
 
-        def restore() -> None:
+        def put_back() -> None:
             state.id_embedding, state.config, state.enabled, state.enabled_rows = saved
 
-        self.restore_stack.callback(restore)
-        if self.request.id_images:
-            self.id_embeddings()  # bad photos fail before the first step
+        restore.callback(put_back)
 
-    def id_embeddings(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(E, E_neg), each (1, T, context width) float32, or None without reference photos."""
-        if self._embeddings is None and self.request.id_images:
-            images = load_images(self.request.id_images)
-            features = [self.adapter.features(image, index) for index, image in enumerate(images)]
-            self._embeddings = encode_identity(self.adapter.encoder, features, self.id_mix)
+    def id_embeddings(self) -> Embeddings | None:
+        """(E, E_neg), each (1, T, context width) float32, of the identity the lines were
+        given (``conditioning``), or None without reference photos."""
         return self._embeddings
 
     def _id_off(self, line: Line) -> bool:
@@ -203,25 +137,35 @@ class PuLIDSession(SDXLSession):
         no_embeds = self.request.negative_prompt_embeds is None
         return "" if given is None and no_embeds else given
 
-    def conditioning(self, line: Line, identity: Identity | None) -> LineConditioning:
-        user_prompt_with_id = line is Line.BASELINE or (line is Line.SEMANTIC
-                                                        and not self._id_off(line))
-        if user_prompt_with_id and line not in self._conditioning_cache:
+    def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
+        self._embeddings = identity_embeddings(identity)
+        if line is Line.ID:
+            return self.id_text(identity.id_prompt)
+        if self._id_off(line):
+            return self.scene_text()
+        return self.scene_text_with_id()
+
+    def id_text(self, id_prompt: str) -> LineConditioning:
+        """``P_id`` with the ID line's negative prompt ("" when none is given), encoded once."""
+        key = (Line.ID, id_prompt)
+        if key not in self._texts:
+            request = self.request
+            self._texts[key] = encode_line_text(
+                self.pipe, request, id_prompt,
+                negative_prompt=self._negative_prompt(id_negative_prompt(request)),
+                negative_prompt_2=request.backend_options.get("id_negative_prompt_2"))
+        return self._texts[key]
+
+    def scene_text_with_id(self) -> LineConditioning:
+        """The caller's prompt for a line with ID attention (the baseline, or the semantic
+        line with the ID kept on): a missing negative prompt is encoded as ""."""
+        if self._scene_with_id is None:
             request = dataclasses.replace(
                 self.request, negative_prompt=self._negative_prompt(self.request.negative_prompt))
-            with self.text_state(line):
-                self._conditioning_cache[line] = encode_user_prompt(self.pipe, request)
-        return super().conditioning(line, identity)
+            self._scene_with_id = encode_user_prompt(self.pipe, request)
+        return self._scene_with_id
 
-    def id_line_text(self) -> LineConditioning:
-        options = self.request.backend_options
-        negative = options.get("id_negative_prompt", self.request.negative_prompt)
-        if isinstance(negative, list) and self.request.batch_size != len(negative):
-            negative = negative[0]
-        return encode_line_text(self.pipe, self.request, self.id_prompt,
-                                negative_prompt=self._negative_prompt(negative),
-                                negative_prompt_2=options.get("id_negative_prompt_2"))
-
+    # -- the ID state of the rows of one UNet call ------------------------------------------
     def rows_embedding(self, batch: RowBatch, positive: torch.Tensor, negative: torch.Tensor
                        ) -> tuple[torch.Tensor, PuLIDAttentionConfig]:
         """The ID tensor for ``batch``'s rows and the attention config to use with it.
@@ -242,13 +186,12 @@ class PuLIDSession(SDXLSession):
     def line_rows_embedding(self, batch: RowBatch
                             ) -> tuple[torch.Tensor, PuLIDAttentionConfig] | None:
         """``rows_embedding`` of a one-line batch, or None where its line has the ID off."""
-        embeddings = None if self._id_off(batch.line) else self.id_embeddings()
+        embeddings = None if self._id_off(batch.line) else self._embeddings
         if embeddings is None:
             return None
         return self.rows_embedding(batch, *embeddings)
 
-    def merged_rows_embedding(self, parts: Sequence[RowBatch]
-                              ) -> tuple[torch.Tensor, PuLIDAttentionConfig, torch.Tensor] | None:
+    def merged_rows_embedding(self, parts: Sequence[RowBatch]) -> MergedEmbedding | None:
         """The ID state of one call holding the rows of ``parts``, in order.
 
         Returns (embedding (R, L, D), config, enabled rows (R,) bool or None when every row
@@ -312,16 +255,19 @@ class PuLIDSession(SDXLSession):
             with state.using(*plan):
                 yield
 
-    def unet_forward(self, batch: RowBatch) -> torch.Tensor:
+    def predict(self, batch: RowBatch, model: ModelCall) -> torch.Tensor:
+        # The per-row ID state depends on the rows' CFG branches, so it is set around the
+        # UNet call itself, for merged and single batches alike.
         with self.id_attention(batch):
-            return super().unet_forward(batch)
+            return model(batch)
 
     # -- both lines in one UNet call ---------------------------------------------------------
-    def supports_row_batching(self, batches: Sequence[RowBatch]) -> bool:
-        """Whether the semantic and ID rows may share one UNet call, each row exact.
+    def supports_row_batching(self, batch: RowBatch) -> bool:
+        """Whether the semantic and ID rows of ``batch`` (merged) may share one UNet call,
+        each row exact.
 
         Refused (the loop then calls the UNet once per line, as before) when:
-        - a batch is the baseline (one line only, by the method's definition);
+        - a part is the baseline (one line only, by the method's definition);
         - the call passes the ID tokens itself through ``cross_attention_kwargs``
           (``id_embedding`` / ``id_scale``, the official route): one tensor for the whole
           call cannot be switched per row;
@@ -330,26 +276,20 @@ class PuLIDSession(SDXLSession):
           bit for bit that processor only;
         - the lines' ID settings or token counts differ (not produced by the loop today).
         """
-        if any(batch.line not in (Line.SEMANTIC, Line.ID) for batch in batches):
+        if any(line not in (Line.SEMANTIC, Line.ID) for line in batch.lines):
             return False
-        call_kwargs = batches[0].cross_attention_kwargs or {}
+        call_kwargs = batch.cross_attention_kwargs or {}
         if "id_embedding" in call_kwargs or "id_scale" in call_kwargs:
             return False
-        off = [self._id_off(batch.line) for batch in batches]
-        if any(off) and not all(off) and self.id_embeddings() is not None \
+        off = [self._id_off(line) for line in batch.lines]
+        if any(off) and not all(off) and self._embeddings is not None \
                 and not exact_text_fallback(self.adapter.attention):
             return False
         try:
-            self.merged_rows_embedding(batches)
+            self.merged_rows_embedding(batch.parts)
         except ConfigError:
             return False
         return True
-
-    @contextmanager
-    def row_state(self, batch: RowBatch) -> Iterator[None]:
-        # The per-row ID state depends on the rows' CFG branches, so it is set with the UNet
-        # call itself (``id_attention`` in ``unet_forward``), for merged and single batches.
-        yield
 
     def negative_shareable(self) -> bool:
         # Only with the ID kept on in the semantic line do both lines' negative rows see
@@ -358,7 +298,7 @@ class PuLIDSession(SDXLSession):
 
 
 class PuLIDBackend:
-    """PuLID v1 / v1.1 on a diffusers SDXL pipeline prepared with :func:`attach_pulid`."""
+    """PuLID v1 / v1.1 on a diffusers SDXL pipeline prepared with ``attach_pulid``."""
 
     name = "pulid"
     recognizes_description = (
@@ -366,6 +306,8 @@ class PuLIDBackend:
         "(bf_backends.pulid.backend.attach_pulid(pipe, 'pulid_v1.bin', features) sets pipe.pulid)")
     priority = 30
     default_id_prompt = "a person"
+    hosts = (HOST_NAME,)
+    options = OPTIONS
 
     def recognizes(self, pipe: Any) -> bool:
         adapter = getattr(pipe, PULID_ATTRIBUTE, None)
@@ -373,76 +315,21 @@ class PuLIDBackend:
                 and all(hasattr(adapter, name) for name in ("encoder", "attention", "features"))
                 and getattr(adapter.attention, "installed", False))
 
-    def open_session(self, pipe: Any, request: GenerationRequest, config: Any) -> PuLIDSession:
-        return PuLIDSession(self, pipe, request, config)
-
-    # -- the benchmark protocol (docs/benchmark.md, "Backend protocol") ------------------------
-    def benchmark_tiny_pipeline(self, seed: int = 0):
-        """The tiny offline PuLID v1.1 pipeline; its tiny face models travel on ``pipe.pulid``."""
-        from bf_backends.pulid.testing import tiny_pipeline
-
-        return tiny_pipeline("v1.1", seed=seed)
-
-    def benchmark_pipeline(self, base_model: str, checkpoint: str | None, *,
-                           torch_dtype: Any = None, device: str | None = None):
-        """``checkpoint`` is the PuLID file (``pulid_v1.bin`` or ``pulid_v1.1.safetensors``);
-        the face models lie beside it: ``antelopev2/`` (the insightface pack),
-        ``parsing_bisenet.pth`` and ``EVA02_CLIP_L_336_psz14_s6B.pt``; and, when present,
-        ``sdxl_lightning_4step_unet.safetensors`` replaces the base UNet (the v1 set-up)."""
-        from pathlib import Path
-
-        from bf_backends.pulid.eva import load_eva_features
-        from bf_backends.pulid.features import PuLIDFaceFeatures, load_bisenet_parser
-        from bf_core.faces import FaceAnalyzer
-
-        path = Path(checkpoint) if checkpoint else None
-        if path is None or not path.is_file():
-            raise ConfigError(f"PuLID's benchmark checkpoint must be the PuLID file, got "
-                              f"{checkpoint!r}; pass --checkpoint pulid=<folder>/pulid_v1.bin")
-        folder = path.parent
-        needed = [folder / "antelopev2", folder / "parsing_bisenet.pth",
-                  folder / "EVA02_CLIP_L_336_psz14_s6B.pt"]
-        missing = [p.name for p in needed if not p.exists()]
-        if missing:
-            raise ConfigError(f"PuLID's face models {missing} are not beside {path.name} in "
-                              f"{folder}; put the antelopev2/ pack, parsing_bisenet.pth and "
-                              "EVA02_CLIP_L_336_psz14_s6B.pt there (docs/backends/pulid.md)")
-        features = PuLIDFaceFeatures(FaceAnalyzer(str(needed[0])),
-                                     load_bisenet_parser(needed[1], device=device),
-                                     load_eva_features(str(needed[2]), device=device))
-        lightning = folder / "sdxl_lightning_4step_unet.safetensors"
-        return load_pulid_pipeline(base_model, path, features, torch_dtype=torch_dtype,
-                                   device=device,
-                                   unet_weights=lightning if lightning.is_file() else None)
+    def open_session(self, call: HostCall, config: BFConfig) -> PuLIDSession:
+        return PuLIDSession(self, call, config)
 
 
-def load_pulid_pipeline(base_model: str, checkpoint: str | os.PathLike, features: FeatureExtractor,
-                        *, unet_weights: str | os.PathLike | None = None, torch_dtype=None,
-                        device: str | None = None, mode: str = "fidelity",
-                        id_scale: float = 0.8, local_files_only: bool = True):
-    """The official v1 set-up from local files: SDXL base, optional full UNet weights
-    (``sdxl_lightning_4step_unet.safetensors``), DPM-Solver trailing, PuLID attached.
-
-    The ID encoder and ID projections stay float32 whatever ``torch_dtype`` is, as in the
-    official code.
-    """
-    from bf_core.checkpoints import load_state_dict_file, load_strict
-    from bf_core.sdxl import load_sdxl_pipeline
-
-    pipe = load_sdxl_pipeline(base_model, torch_dtype=torch_dtype,
-                              local_files_only=local_files_only)
-    if unet_weights is not None:
-        state_dict = load_state_dict_file(unet_weights)
-        load_strict(pipe.unet, {k: v.to(pipe.unet.dtype) for k, v in state_dict.items()},
-                    f"SDXL UNet ({unet_weights})")
-    pipe.scheduler = lightning_scheduler(pipe.scheduler.config)
-    pipe.watermark = None
-    if device:
-        pipe.to(device)
-    attach_pulid(pipe, checkpoint, features, mode=mode, id_scale=id_scale)
-    return pipe
+# -- the benchmark's view (BackendExtras) ------------------------------------------------------
+def benchmark_call_kwargs(identity: Any, images: list) -> dict[str, Any]:
+    """The photos, and ``P_id`` when the identity sets one (its PuLID option, else its
+    shared ``id_prompt``)."""
+    kwargs: dict[str, Any] = {"id_images": images}
+    id_prompt = identity.option(PuLIDBackend.name, "id_prompt", identity.id_prompt)
+    if id_prompt:
+        kwargs["id_prompt"] = id_prompt
+    return kwargs
 
 
-__all__ = ["PULID_ATTRIBUTE", "PuLIDAdapter", "PuLIDBackend", "PuLIDIdentityEncoder",
-           "PuLIDSession", "attach_pulid", "attention_config_for", "detach_pulid",
+__all__ = ["OPTIONS", "PULID_ATTRIBUTE", "PuLIDAdapter", "PuLIDBackend", "PuLIDSession",
+           "attach_pulid", "attention_config_for", "benchmark_call_kwargs", "detach_pulid",
            "lightning_scheduler", "load_pulid_pipeline"]

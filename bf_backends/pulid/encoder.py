@@ -1,315 +1,137 @@
-"""PuLID ID encoders: v1 ``IDEncoder`` (10 tokens per image) and v1.1 ``IDFormer`` (32 tokens).
+"""PuLID's identity step: a person's reference photos -> E and E_neg, and their layout over
+the rows of a UNet call.
 
-Both turn ``id_cond`` (the ArcFace embedding followed by the L2-normalised EVA-CLIP
-embedding, 512 + 768 = 1280 wide) and five intermediate EVA-CLIP hidden states
-(577 tokens of width 1024 each, CLS first) into identity tokens in the UNet's text-context
-width. Their state-dict keys and shapes equal the ``id_adapter.`` part of the official
-checkpoints at the default configuration; every width is a config field so tests can build
-them tiny.
+``encode_identity`` gives E (the identity tokens, T_id) and E_neg (the negative tokens, an
+image-independent constant of the checkpoint) as the official pipelines form them:
 
-The encoders run in float32 like the official code; inputs are cast to the parameters'
-dtype and device on purpose, so half-precision features cannot cause a dtype mismatch.
+- v1: each image is encoded on its own (10 tokens); supplementary images are appended
+  along the token axis, all 10 tokens with ``id_mix`` or only their first 5 (global)
+  tokens without it, as ``app.py``'s "ID Mix" switch does. E_neg is concatenated the same
+  way.
+- v1.1: all images are encoded jointly into one set of 32 tokens; E_neg comes from a
+  single all-zero image.
+
+``PuLIDIdentityEncoder`` runs it on a ``Person``; ``broadcast_rows``, ``cfg_rows_embedding``
+and ``guidance_off_sequence`` lay E and E_neg over the rows of one UNet call.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
-from torch import nn
 
+from bf_backends.pulid.features import FaceFeatures
+from bf_backends.pulid.loader import PuLIDAdapter
+from bf_backends.pulid.modules import IDEncoder, IDFormer, negative_id_embedding
 from bf_core.errors import ConfigError
+from bf_core.images import load_images
+from bf_core.records import Identity, Person
 
-#: Number of EVA-CLIP hidden states the encoders read (inputs of blocks 4, 8, 12, 16, 20).
-NUM_VIT_SCALES = 5
-#: Tokens per image in one EVA02-CLIP-L-14-336 hidden state: 24 x 24 patches + CLS.
-EVA_TOKENS_PER_IMAGE = 577
-
-
-def _check_positive_ints(config: object) -> None:
-    for field in fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{type(config).__name__}.{field.name} must be a positive "
-                              f"integer, got {value!r}.")
-
-
-@dataclass(frozen=True)
-class IDEncoderConfig:
-    """Widths of the v1 ``IDEncoder``; the defaults are the official ones (``pulid_v1.bin``)."""
-
-    id_cond_dim: int = 1280
-    """Width of ``id_cond``: ArcFace 512 + EVA-CLIP 768."""
-    vit_dim: int = 1024
-    """Width of the EVA-CLIP hidden states (hard-coded in the official mapping MLPs)."""
-    mapping_width: int = 1024
-    """Hidden width of the ``mapping_i`` / ``mapping_patch_i`` MLPs (hard-coded officially)."""
-    max_body_width: int = 1024
-    """Upper bound of the two hidden widths of ``body``."""
-    context_dim: int = 2048
-    """Output token width; must equal the UNet's ``cross_attention_dim``."""
-    num_global_tokens: int = 5
-    """Tokens produced from ``id_cond`` (they come first in the output)."""
-
-    def __post_init__(self) -> None:
-        _check_positive_ints(self)
-
-    @property
-    def tokens_per_image(self) -> int:
-        """Global tokens plus one token per EVA-CLIP scale (10 with the defaults)."""
-        return self.num_global_tokens + NUM_VIT_SCALES
-
-
-@dataclass(frozen=True)
-class IDFormerConfig:
-    """Sizes of the v1.1 ``IDFormer``; the defaults are the official ones (``pulid_v1.1``)."""
-
-    id_cond_dim: int = 1280
-    """Width of ``id_cond``: ArcFace 512 + EVA-CLIP 768 (hard-coded officially)."""
-    vit_dim: int = 1024
-    """Width of the EVA-CLIP hidden states (hard-coded officially)."""
-    mapping_width: int = 1024
-    """Hidden width of ``id_embedding_mapping`` and ``mapping_i`` (hard-coded officially)."""
-    dim: int = 1024
-    """Width of the learned queries and of the perceiver layers."""
-    depth: int = 10
-    """Perceiver layers in all; ``depth / 5`` layers read each EVA-CLIP scale."""
-    dim_head: int = 64
-    heads: int = 16
-    num_id_tokens: int = 5
-    """Tokens produced from each image's ``id_cond``."""
-    num_queries: int = 32
-    """Learned queries = output tokens, whatever the number of images."""
-    output_dim: int = 2048
-    """Output token width; must equal the UNet's ``cross_attention_dim``."""
-    ff_mult: int = 4
-
-    def __post_init__(self) -> None:
-        _check_positive_ints(self)
-        if self.depth % NUM_VIT_SCALES:
-            raise ConfigError(f"IDFormerConfig.depth must be a multiple of {NUM_VIT_SCALES} "
-                              f"(the same number of layers per EVA-CLIP scale), got {self.depth}.")
-
-    @property
-    def tokens_per_image(self) -> int:
-        """Output tokens (32 with the defaults), independent of the number of images."""
-        return self.num_queries
-
-
-def _mlp(in_dim: int, hidden1: int, hidden2: int, out_dim: int) -> nn.Sequential:
-    """Linear, LayerNorm, LeakyReLU, Linear, LayerNorm, LeakyReLU, Linear.
-
-    Keys ``.0 .1 .3 .4 .6``: the official layout (LayerNorm eps 1e-5, LeakyReLU slope 0.01).
-    """
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden1), nn.LayerNorm(hidden1), nn.LeakyReLU(),
-        nn.Linear(hidden1, hidden2), nn.LayerNorm(hidden2), nn.LeakyReLU(),
-        nn.Linear(hidden2, out_dim),
-    )
-
-
-def _check_inputs(id_cond: torch.Tensor, id_vit_hidden: Sequence[torch.Tensor],
-                  id_cond_dim: int, vit_dim: int, allow_images_axis: bool) -> None:
-    dims = "(N, n_images, {0}) or (N, {0})" if allow_images_axis else "(N, {0})"
-    if id_cond.shape[-1] != id_cond_dim or id_cond.ndim not in ((2, 3) if allow_images_axis
-                                                                 else (2,)):
-        raise ValueError(f"id_cond must have shape {dims.format(id_cond_dim)}, got "
-                         f"{tuple(id_cond.shape)}; it is [ArcFace embedding ; EVA-CLIP embedding].")
-    if len(id_vit_hidden) != NUM_VIT_SCALES:
-        raise ValueError(f"id_vit_hidden must hold {NUM_VIT_SCALES} EVA-CLIP hidden states, got "
-                         f"{len(id_vit_hidden)}; pass the inputs of blocks 4, 8, 12, 16 and 20.")
-    for scale, hidden in enumerate(id_vit_hidden):
-        if hidden.ndim != 3 or hidden.shape[0] != id_cond.shape[0] or hidden.shape[-1] != vit_dim:
-            raise ValueError(f"id_vit_hidden[{scale}] must have shape (N, tokens, {vit_dim}) with "
-                             f"N = {id_cond.shape[0]} (the batch of id_cond), got "
-                             f"{tuple(hidden.shape)}.")
-
-
-class IDEncoder(nn.Module):
-    """PuLID v1 ID encoder: ``(N, 1280)`` + five ``(N, 577, 1024)`` -> ``(N, 10, 2048)``.
-
-    Output token order: the ``num_global_tokens`` tokens from ``id_cond`` first, then one
-    token per EVA-CLIP scale (ORTHO_v2 relies on the global tokens being first).
-    """
-
-    version = "v1"
-
-    def __init__(self, config: IDEncoderConfig | None = None) -> None:
-        super().__init__()
-        self.config = config = config or IDEncoderConfig()
-        body_hidden1 = min(config.context_dim * config.num_global_tokens // 4,
-                           config.max_body_width)
-        body_hidden2 = min(config.context_dim * config.num_global_tokens // 2,
-                           config.max_body_width)
-        self.body = _mlp(config.id_cond_dim, body_hidden1, body_hidden2,
-                         config.context_dim * config.num_global_tokens)
-        for scale in range(NUM_VIT_SCALES):
-            width = config.mapping_width
-            setattr(self, f"mapping_{scale}",
-                    _mlp(config.vit_dim, width, width, config.context_dim))
-            setattr(self, f"mapping_patch_{scale}",
-                    _mlp(config.vit_dim, width, width, config.context_dim))
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.config.tokens_per_image
-
-    def forward(self, id_cond: torch.Tensor,
-                id_vit_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``id_cond`` (N, 1280), ``id_vit_hidden`` five (N, L, 1024) -> (N, 10, 2048).
-
-        Token 0 of each hidden state is CLS; the rest are patches. The patch token of each
-        scale is the mean over patches taken *after* the MLP.
-        """
-        config = self.config
-        _check_inputs(id_cond, id_vit_hidden, config.id_cond_dim, config.vit_dim,
-                      allow_images_axis=False)
-        weight = self.body[0].weight
-        id_cond = id_cond.to(weight.device, weight.dtype)
-        tokens = [self.body(id_cond).reshape(id_cond.shape[0], config.num_global_tokens,
-                                             config.context_dim)]
-        for scale, hidden in enumerate(id_vit_hidden):
-            hidden = hidden.to(weight.device, weight.dtype)
-            cls_token = getattr(self, f"mapping_{scale}")(hidden[:, :1])
-            patch_token = getattr(self, f"mapping_patch_{scale}")(hidden[:, 1:]).mean(
-                dim=1, keepdim=True)
-            tokens.append(cls_token + patch_token)
-        return torch.cat(tokens, dim=1)
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, heads * d) -> (B, heads, L, d)."""
-    batch, length, _ = x.shape
-    return x.reshape(batch, length, heads, -1).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, heads, L, d) -> (B, L, heads * d)."""
-    batch, heads, length, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
-
-
-class _PerceiverAttention(nn.Module):
-    """Queries from the latents; keys and values from [context ; latents] (both normed)."""
-
-    def __init__(self, dim: int, dim_head: int, heads: int) -> None:
-        super().__init__()
-        inner = dim_head * heads
-        self.heads = heads
-        # q and k are each scaled by dim_head^(-1/4), written as the official 1/sqrt(sqrt(d))
-        # (it differs from d ** -0.25 in the last bit).
-        self.qk_scale = 1 / math.sqrt(math.sqrt(dim_head))
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, context: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """context (B, Lc, dim), latents (B, Lq, dim) -> (B, Lq, dim)."""
-        context = self.norm1(context)
-        latents = self.norm2(latents)
-        query = _split_heads(self.to_q(latents), self.heads)
-        key, value = self.to_kv(torch.cat([context, latents], dim=-2)).chunk(2, dim=-1)
-        key, value = _split_heads(key, self.heads), _split_heads(value, self.heads)
-        logits = (query * self.qk_scale) @ (key * self.qk_scale).transpose(-2, -1)
-        # The softmax runs in float32 even for half-precision weights, then casts back.
-        weights = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
-        return self.to_out(_merge_heads(weights @ value))
-
-
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
-    """LayerNorm, Linear (no bias), exact GELU, Linear (no bias): keys ``.0 .1 .3``."""
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
-
-
-class IDFormer(nn.Module):
-    """PuLID v1.1 ID encoder: ``(N, [n,] 1280)`` + five ``(N, 577 n, 1024)`` -> ``(N, 32, 2048)``.
-
-    Several reference images (``n``) are encoded jointly into one set of 32 tokens.
-    """
-
-    version = "v1.1"
-
-    def __init__(self, config: IDFormerConfig | None = None) -> None:
-        super().__init__()
-        self.config = config = config or IDFormerConfig()
-        self.latents = nn.Parameter(torch.randn(1, config.num_queries, config.dim)
-                                    * config.dim ** -0.5)
-        self.proj_out = nn.Parameter(torch.randn(config.dim, config.output_dim)
-                                     * config.dim ** -0.5)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([_PerceiverAttention(config.dim, config.dim_head, config.heads),
-                           _feed_forward(config.dim, config.ff_mult)])
-            for _ in range(config.depth))
-        width = config.mapping_width
-        self.id_embedding_mapping = _mlp(config.id_cond_dim, width, width,
-                                         config.dim * config.num_id_tokens)
-        for scale in range(NUM_VIT_SCALES):
-            setattr(self, f"mapping_{scale}", _mlp(config.vit_dim, width, width, config.dim))
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.config.tokens_per_image
-
-    def forward(self, id_cond: torch.Tensor,
-                id_vit_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``id_cond`` (N, 1280) or (N, n, 1280), five (N, 577 n, 1024) -> (N, 32, 2048).
-
-        The id tokens (5 per image, image-major) head the latents and also head the
-        context of every scale, where they are never updated.
-        """
-        config = self.config
-        _check_inputs(id_cond, id_vit_hidden, config.id_cond_dim, config.vit_dim,
-                      allow_images_axis=True)
-        batch = id_cond.shape[0]
-        num_images = id_cond.shape[1] if id_cond.ndim == 3 else 1
-        device, dtype = self.latents.device, self.latents.dtype
-        id_tokens = self.id_embedding_mapping(id_cond.to(device, dtype)).reshape(
-            batch, config.num_id_tokens * num_images, config.dim)
-        latents = torch.cat([self.latents.repeat(batch, 1, 1), id_tokens], dim=1)
-        layers_per_scale = config.depth // NUM_VIT_SCALES
-        for scale, hidden in enumerate(id_vit_hidden):
-            vit_tokens = getattr(self, f"mapping_{scale}")(hidden.to(device, dtype))
-            context = torch.cat([id_tokens, vit_tokens], dim=1)
-            for index in range(scale * layers_per_scale, (scale + 1) * layers_per_scale):
-                attention, feed_forward = self.layers[index]
-                latents = attention(context, latents) + latents
-                latents = feed_forward(latents) + latents
-        return latents[:, :config.num_queries] @ self.proj_out
-
-
-PuLIDEncoder = IDEncoder | IDFormer
-EncoderConfig = IDEncoderConfig | IDFormerConfig
-
-
-def build_encoder(version: str, config: EncoderConfig | None = None) -> IDEncoder | IDFormer:
-    """The encoder class of a PuLID version ("v1" or "v1.1") with ``config`` or the defaults."""
-    if version == "v1":
-        if config is not None and not isinstance(config, IDEncoderConfig):
-            raise ConfigError(f"PuLID v1 needs an IDEncoderConfig, got {type(config).__name__}.")
-        return IDEncoder(config)
-    if version == "v1.1":
-        if config is not None and not isinstance(config, IDFormerConfig):
-            raise ConfigError(f"PuLID v1.1 needs an IDFormerConfig, got {type(config).__name__}.")
-        return IDFormer(config)
-    raise ConfigError(f"PuLID version must be 'v1' or 'v1.1', got {version!r}.")
+#: v1 tokens of a supplementary image without ID Mix (the global tokens).
+V1_GLOBAL_TOKENS = 5
+#: ``Identity.state`` keys of E and E_neg (1, T, D) float32; both None without photos.
+ID_EMBEDDING, NEGATIVE_ID_EMBEDDING = "id_embedding", "negative_id_embedding"
+NO_PHOTOS = ("PuLID needs at least one reference photo: pass id_images=[...] "
+             "(a path, PIL image or array with one clearly visible face).")
 
 
 @torch.no_grad()
-def negative_id_embedding(encoder: IDEncoder | IDFormer,
-                          vit_tokens: int = EVA_TOKENS_PER_IMAGE) -> torch.Tensor:
-    """E_neg: the encoder applied to an all-zero single image -> (1, T, context width).
+def encode_identity(encoder: IDEncoder | IDFormer, features: Sequence[FaceFeatures],
+                    id_mix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of n >= 1 images -> (E, E_neg), each (1, T, context width), float32.
 
-    Not zero (biases and LayerNorm shifts); the negative CFG branch always receives it.
-    ``vit_tokens`` is the token count of one hidden state (577 at real size).
+    T = 10 + (n - 1) * (10 if id_mix else 5) for v1; T = 32 for v1.1.
     """
-    config = encoder.config
-    param = next(encoder.parameters())
-    id_cond = torch.zeros(1, config.id_cond_dim, device=param.device, dtype=param.dtype)
-    hidden = [torch.zeros(1, vit_tokens, config.vit_dim, device=param.device, dtype=param.dtype)
-              for _ in range(NUM_VIT_SCALES)]
-    return encoder(id_cond, hidden)
+    if not features:
+        raise ValueError("encode_identity needs the features of at least one image")
+    vit_tokens = features[0].vit_hidden[0].shape[1]
+    negative = negative_id_embedding(encoder, vit_tokens=vit_tokens)
+    if isinstance(encoder, IDFormer):
+        id_cond = torch.stack([f.id_cond[0] for f in features])[None]  # (1, n, 1280)
+        hidden = [torch.cat([f.vit_hidden[scale] for f in features], dim=1)
+                  for scale in range(len(features[0].vit_hidden))]  # (1, 577 n, 1024)
+        return encoder(id_cond, hidden), negative
+    positives, negatives = [], []
+    for index, feature in enumerate(features):
+        tokens = encoder(feature.id_cond, feature.vit_hidden)
+        keep = tokens.shape[1] if index == 0 or id_mix else V1_GLOBAL_TOKENS
+        positives.append(tokens[:, :keep])
+        negatives.append(negative[:, :keep])
+    return torch.cat(positives, dim=1), torch.cat(negatives, dim=1)
+
+
+class PuLIDIdentityEncoder:
+    """A person's photos -> ``Identity(tokens=E, negative_tokens=E_neg)``, E and E_neg also
+    in ``state`` (float32, as the ID attention takes them).
+
+    adapter: the pipeline's ``pipe.pulid``; device, dtype: where and how T_id joins the
+    text tokens (IdAP); photos_required: the method is on, so a person without photos is an
+    error. With the method off (the baseline) photos are optional: without them the
+    identity has no tokens (N = 0), its state holds None and the ID attention stays off.
+    """
+
+    def __init__(self, adapter: PuLIDAdapter, *, default_id_prompt: str, id_mix: bool,
+                 photos_required: bool, device: torch.device | None, dtype: torch.dtype) -> None:
+        self.adapter, self.default_id_prompt, self.id_mix = adapter, default_id_prompt, id_mix
+        self.photos_required, self.device, self.dtype = photos_required, device, dtype
+
+    def encode(self, person: Person) -> Identity:
+        id_prompt = person.id_prompt or self.default_id_prompt
+        if not person.id_images:
+            if self.photos_required:
+                raise ConfigError(NO_PHOTOS)
+            empty = torch.zeros(1, 0, self.adapter.encoder.token_width, device=self.device,
+                                dtype=self.dtype)
+            return Identity(id_prompt, tokens=empty,
+                            state={ID_EMBEDDING: None, NEGATIVE_ID_EMBEDDING: None})
+        positive, negative = self.embeddings(person.id_images)
+        # T_id joins the text tokens in IdAP, so it takes the text embeddings' dtype/device.
+        return Identity(id_prompt, tokens=positive.to(self.device, self.dtype),
+                        negative_tokens=negative.to(self.device, self.dtype),
+                        state={ID_EMBEDDING: positive, NEGATIVE_ID_EMBEDDING: negative})
+
+    def embeddings(self, id_images: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, E_neg), each (1, T, context width) float32, of the reference photos."""
+        images = load_images(id_images)
+        features = [self.adapter.features(image, index) for index, image in enumerate(images)]
+        return encode_identity(self.adapter.encoder, features, self.id_mix)
+
+
+def identity_embeddings(identity: Identity) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(E, E_neg) of an identity from ``PuLIDIdentityEncoder``, or None when it has none."""
+    positive = identity.state.get(ID_EMBEDDING)
+    if positive is None:
+        return None
+    return positive, identity.state[NEGATIVE_ID_EMBEDDING]
+
+
+def broadcast_rows(tokens: torch.Tensor, rows: int) -> torch.Tensor:
+    """(1 or rows, T, D) -> (rows, T, D)."""
+    if tokens.shape[0] == rows:
+        return tokens
+    if tokens.shape[0] != 1:
+        raise ValueError(f"ID tokens have batch {tokens.shape[0]}; expected 1 or {rows}")
+    return tokens.expand(rows, -1, -1)
+
+
+def cfg_rows_embedding(positive: torch.Tensor, negative: torch.Tensor,
+                       rows: int) -> torch.Tensor:
+    """(1, T, D) each -> (2 rows, T, D) = [E_neg x rows ; E x rows], the CFG batch order."""
+    return torch.cat([broadcast_rows(negative, rows), broadcast_rows(positive, rows)], dim=0)
+
+
+def guidance_off_sequence(positive: torch.Tensor, negative: torch.Tensor,
+                          num_zero: int) -> torch.Tensor:
+    """(1, T, D) each -> (1, 2 (T + Z), D) = [E_neg ; 0_Z ; E ; 0_Z].
+
+    What the official v1 processors attend to at guidance 1.0: the diffusers pipeline
+    turns CFG off (UNet batch 1) while the ID tensor keeps batch 2, and the processors'
+    reshape by the text batch concatenates both halves into one sequence.
+    Used with ``num_zero = 0`` it reproduces that call exactly. The official code splits
+    the sequence across samples when it makes several images at once; we give every
+    sample the whole sequence.
+    """
+    zeros = positive.new_zeros(1, num_zero, positive.shape[-1])
+    return torch.cat([negative[:1], zeros, positive[:1], zeros], dim=1)

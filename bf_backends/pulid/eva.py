@@ -54,15 +54,6 @@ def eva02_clip_l_336_args() -> dict[str, Any]:
                 global_pool="token", num_classes=768)
 
 
-def tiny_eva_args(embed_dim: int = 16, num_classes: int = 16) -> dict[str, Any]:
-    """The same architecture at test size: 28 px (2 x 2 patches + CLS = 5 tokens), 20 blocks.
-
-    20 blocks keep PuLID's block indices 3..19 valid; only widths and the image shrink.
-    """
-    return {**eva02_clip_l_336_args(), "img_size": 28, "embed_dim": embed_dim,
-            "num_heads": 2, "num_classes": num_classes, "depth": 20}
-
-
 def _import_timm():
     try:
         import timm

@@ -6,31 +6,41 @@ projections of the attention processors, numbered by position in
 ``unet.attn_processors``). Like the official loader, keys are split at the first dot and
 each group is loaded strictly; unlike it, every problem is a ``CheckpointError`` that
 names the keys, the version or what kind of file it really is.
+
+Attaching: :func:`attach_pulid` loads an official file into our ID encoder and ID attention
+processors and leaves a :class:`PuLIDAdapter` at ``pipe.pulid``; that attribute is how the
+backend recognises a pipeline. :func:`load_pulid_pipeline` builds the official v1 set-up
+from local files, and :func:`load_pipeline_setup` is what the CLI and the benchmark call
+with one checkpoint path (the face models lie beside it).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from bf_backends.pulid.attention import (
+    PuLIDAttentionConfig,
     PuLIDAttentionInstallation,
     PuLIDAttentionState,
     install_pulid_attention,
     pulid_attention_shapes,
 )
-from bf_backends.pulid.encoder import EncoderConfig, IDEncoder, IDFormer, build_encoder
+from bf_backends.pulid.features import FaceFeatures
+from bf_backends.pulid.modules import EncoderConfig, IDEncoder, IDFormer, build_encoder
 from bf_core.checkpoints import (
     check_state_dict,
     expected_shapes,
     load_state_dict_file,
     load_strict,
 )
-from bf_core.errors import CheckpointError
+from bf_core.errors import CheckpointError, ConfigError
+from bf_core.hosts.sdxl import is_sdxl_pipeline
 
 ENCODER_PREFIX = "id_adapter"
 ATTENTION_PREFIX = "id_adapter_attn_layers"
@@ -210,3 +220,141 @@ def load_pulid(source: str | os.PathLike | Mapping[str, torch.Tensor], unet: nn.
         installation.uninstall()
         raise
     return LoadedPuLID(weights.version, encoder.eval(), installation)
+
+
+# ---------------------------------------------------------------- attaching to a pipeline
+
+#: The pipeline attribute that holds the attached :class:`PuLIDAdapter`.
+PULID_ATTRIBUTE = "pulid"
+#: Reference image and its index -> its face features.
+FeatureExtractor = Callable[[Any, int], FaceFeatures]
+#: The face models that lie beside the PuLID file for ``load_pipeline_setup``.
+FACE_PACK, PARSER_FILE, EVA_FILE = ("antelopev2", "parsing_bisenet.pth",
+                                    "EVA02_CLIP_L_336_psz14_s6B.pt")
+LIGHTNING_UNET_FILE = "sdxl_lightning_4step_unet.safetensors"
+
+
+@dataclass
+class PuLIDAdapter:
+    """Everything PuLID adds to a pipeline.
+
+    version: "v1" or "v1.1". encoder: the ID encoder (float32). attention: the installed
+    ID processors, whose ``state`` the backend sets per line. features: reference image
+    (and its index) -> :class:`FaceFeatures` (see ``PuLIDFaceFeatures``).
+    """
+
+    version: str
+    encoder: IDEncoder | IDFormer
+    attention: PuLIDAttentionInstallation
+    features: FeatureExtractor
+
+    @property
+    def state(self) -> PuLIDAttentionState:
+        return self.attention.state
+
+
+def attach_pulid(pipe: Any, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+                 features: FeatureExtractor, *, version: str | None = None,
+                 encoder_config: EncoderConfig | None = None, mode: str = "fidelity",
+                 id_scale: float = 0.8) -> PuLIDAdapter:
+    """Load ``checkpoint`` into ``pipe.unet`` and attach PuLID to ``pipe`` (``pipe.pulid``).
+
+    checkpoint: ``pulid_v1.bin`` / ``pulid_v1.1.safetensors`` or their flat state dict.
+    mode, id_scale: the default ID attention settings ("fidelity" = the paper's baseline).
+    With no ID tokens set, the processors hand every call to the processors they replaced,
+    so ``pipe(...)`` still draws plain SDXL, and ``pipe(..., cross_attention_kwargs=
+    {"id_embedding": [E_neg ; E], "id_scale": s})`` is the official PuLID v1 call.
+    Undo with :func:`detach_pulid`.
+    """
+    if not is_sdxl_pipeline(pipe):
+        raise ConfigError(f"PuLID attaches to a diffusers StableDiffusionXLPipeline; got a "
+                          f"{type(pipe).__name__}.")
+    if getattr(pipe, PULID_ATTRIBUTE, None) is not None:
+        raise ConfigError("PuLID is already attached to this pipeline; call detach_pulid(pipe) "
+                          "first to load another checkpoint.")
+    state = PuLIDAttentionState(PuLIDAttentionConfig.from_mode(mode, id_scale))
+    loaded = load_pulid(checkpoint, pipe.unet, version=version, encoder_config=encoder_config,
+                        state=state)
+    adapter = PuLIDAdapter(loaded.version, loaded.encoder, loaded.attention, features)
+    setattr(pipe, PULID_ATTRIBUTE, adapter)
+    return adapter
+
+
+def detach_pulid(pipe: Any) -> None:
+    """Put back the UNet's original processors and remove ``pipe.pulid``."""
+    adapter = getattr(pipe, PULID_ATTRIBUTE, None)
+    if adapter is not None:
+        adapter.attention.uninstall()
+        setattr(pipe, PULID_ATTRIBUTE, None)
+
+
+def lightning_scheduler(base_scheduler_config: Mapping[str, Any]):
+    """PuLID v1's sampler: DPM-Solver++ from SDXL's scheduler config, trailing spacing.
+
+    ``final_sigmas_type="sigma_min"`` reproduces diffusers 0.25 (the official pin), whose
+    last update did not go to sigma 0; newer defaults change the final latent.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(
+        dict(base_scheduler_config), timestep_spacing="trailing", final_sigmas_type="sigma_min")
+
+
+def load_pulid_pipeline(base_model: str, checkpoint: str | os.PathLike, features: FeatureExtractor,
+                        *, unet_weights: str | os.PathLike | None = None, torch_dtype=None,
+                        device: str | None = None, mode: str = "fidelity",
+                        id_scale: float = 0.8, local_files_only: bool = True):
+    """The official v1 set-up from local files: SDXL base, optional full UNet weights
+    (``sdxl_lightning_4step_unet.safetensors``), DPM-Solver trailing, PuLID attached.
+
+    The ID encoder and ID projections stay float32 whatever ``torch_dtype`` is, as in the
+    official code.
+    """
+    from bf_core.hosts.sdxl import load_sdxl_pipeline
+
+    pipe = load_sdxl_pipeline(base_model, torch_dtype=torch_dtype,
+                              local_files_only=local_files_only)
+    if unet_weights is not None:
+        state_dict = load_state_dict_file(unet_weights)
+        load_strict(pipe.unet, {k: v.to(pipe.unet.dtype) for k, v in state_dict.items()},
+                    f"SDXL UNet ({unet_weights})")
+    pipe.scheduler = lightning_scheduler(pipe.scheduler.config)
+    pipe.watermark = None
+    if device:
+        pipe.to(device)
+    attach_pulid(pipe, checkpoint, features, mode=mode, id_scale=id_scale)
+    return pipe
+
+
+def load_pipeline_setup(base_model: str, checkpoint: str | None, *, torch_dtype: Any = None,
+                        device: str | None = None):
+    """``BackendExtras.load_pipeline``: ``checkpoint`` is the PuLID file (``pulid_v1.bin``
+    or ``pulid_v1.1.safetensors``); the face models lie beside it: ``antelopev2/`` (the
+    insightface pack), ``parsing_bisenet.pth`` and ``EVA02_CLIP_L_336_psz14_s6B.pt``; and,
+    when present, ``sdxl_lightning_4step_unet.safetensors`` replaces the base UNet (the v1
+    set-up)."""
+    from pathlib import Path
+
+    from bf_backends.pulid.eva import load_eva_features
+    from bf_backends.pulid.features import PuLIDFaceFeatures, load_bisenet_parser
+    from bf_core.extras import PipelineSetup
+    from bf_core.faces import FaceAnalyzer
+
+    path = Path(checkpoint) if checkpoint else None
+    if path is None or not path.is_file():
+        raise ConfigError(f"PuLID's benchmark checkpoint must be the PuLID file, got "
+                          f"{checkpoint!r}; pass --checkpoint pulid=<folder>/pulid_v1.bin")
+    folder = path.parent
+    needed = [folder / FACE_PACK, folder / PARSER_FILE, folder / EVA_FILE]
+    missing = [p.name for p in needed if not p.exists()]
+    if missing:
+        raise ConfigError(f"PuLID's face models {missing} are not beside {path.name} in "
+                          f"{folder}; put the antelopev2/ pack, parsing_bisenet.pth and "
+                          "EVA02_CLIP_L_336_psz14_s6B.pt there (docs/backends/pulid.md)")
+    features = PuLIDFaceFeatures(FaceAnalyzer(str(needed[0])),
+                                 load_bisenet_parser(needed[1], device=device),
+                                 load_eva_features(str(needed[2]), device=device))
+    lightning = folder / LIGHTNING_UNET_FILE
+    return PipelineSetup(load_pulid_pipeline(
+        base_model, path, features, torch_dtype=torch_dtype, device=device,
+        unet_weights=lightning if lightning.is_file() else None))

@@ -8,7 +8,11 @@ in float16, like the published files.
 ``tiny_pipeline`` builds the tiny SDXL pipeline with PuLID attached and a complete face
 pipeline: a random-weight insightface ``antelopev2`` pack (real insightface code), a tiny
 random face parser, and a tiny vision tower with EVA's block layout read through the real
-``EVAFeatures`` hooks (timm's EVA02 at test size is exercised where timm is installed).
+``EVAFeatures`` hooks (timm's EVA02 at test size, ``tiny_eva_args``, is exercised where
+timm is installed).
+
+``tiny_setup`` (the demo's pipeline) and ``speed_setup`` (the speed script's) reach the CLI
+and the benchmark through the backend's extras.
 """
 
 from __future__ import annotations
@@ -18,20 +22,31 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from bf_backends.pulid.attention import pulid_attention_shapes
-from bf_backends.pulid.encoder import (
+from bf_backends.pulid.eva import eva02_clip_l_336_args
+from bf_backends.pulid.features import FaceFeatures
+from bf_backends.pulid.loader import (
+    ATTENTION_PREFIX,
+    ENCODER_PREFIX,
+    attach_pulid,
+    lightning_scheduler,
+)
+from bf_backends.pulid.modules import (
+    EVA_TOKENS_PER_IMAGE,
+    NUM_VIT_SCALES,
     EncoderConfig,
     IDEncoderConfig,
     IDFormerConfig,
     build_encoder,
 )
-from bf_backends.pulid.loader import ATTENTION_PREFIX, ENCODER_PREFIX
 from bf_core.checkpoints import expected_shapes
 from bf_core.errors import ConfigError
+from bf_core.extras import PipelineSetup, SpeedSetup
 
 #: Tokens per image in the tiny EVA-CLIP hidden states the tests feed (CLS + 4 patches).
 TINY_VIT_TOKENS = 5
@@ -197,7 +212,6 @@ def tiny_pipeline(version: str = "v1.1", seed: int = 0, *, mode: str = "fidelity
     (docs/backends/pulid.md). Checkpoint: random, official layout, float32. ``features`` defaults to
     :func:`tiny_face_features`; ``mode`` / ``id_scale`` are the attached defaults.
     """
-    from bf_backends.pulid.backend import attach_pulid, lightning_scheduler
     from bf_core.testing import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(seed=seed, scheduler="euler")
@@ -209,3 +223,74 @@ def tiny_pipeline(version: str = "v1.1", seed: int = 0, *, mode: str = "fidelity
     attach_pulid(pipe, state_dict, features or tiny_face_features(seed), version=version,
                  encoder_config=encoder_config, mode=mode, id_scale=id_scale)
     return pipe
+
+
+def tiny_eva_args(embed_dim: int = 16, num_classes: int = 16) -> dict[str, Any]:
+    """timm's EVA02-CLIP-L-14-336 architecture at test size: 28 px (2 x 2 patches + CLS =
+    5 tokens), 20 blocks.
+
+    20 blocks keep PuLID's block indices 3..19 valid; only widths and the image shrink.
+    """
+    return {**eva02_clip_l_336_args(), "img_size": 28, "embed_dim": embed_dim,
+            "num_heads": 2, "num_classes": num_classes, "depth": 20}
+
+
+def tiny_setup(seed: int = 0) -> PipelineSetup:
+    """The demo's pipeline: the tiny v1.1 pipeline (its tiny face models travel on
+    ``pipe.pulid``, so no option is needed) with a tiny face photo as the identity."""
+    return PipelineSetup(tiny_pipeline("v1.1", seed=seed),
+                         identity={"id_images": [tiny_face_image()]})
+
+
+# ---------------------------------------------------------------- the speed script's set-up
+
+def reference_photo(size: int = 96):
+    """A plain RGB picture for the speed runs: ``RandomFaceFeatures`` ignores its content,
+    so it only has to load."""
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), (180, 140, 120))
+
+
+class RandomFaceFeatures:
+    """PuLID's face pipeline replaced by random features of its output shapes.
+
+    ``(image, index) -> FaceFeatures``: id_cond (1, id_cond_dim) and five EVA-CLIP hidden
+    states (1, tokens, vit_dim), float32 on ``device``. The ID encoder and the ID attention
+    run for real on them; the face detector, parser and EVA-CLIP are not built.
+    """
+
+    def __init__(self, id_cond_dim: int, vit_dim: int, tokens: int, device, seed: int = 0):
+        self.id_cond_dim, self.vit_dim, self.tokens = id_cond_dim, vit_dim, tokens
+        self.device, self.seed = device, seed
+
+    def __call__(self, image, index: int | None = None) -> FaceFeatures:
+        import numpy as np
+
+        generator = torch.Generator().manual_seed(self.seed + (index or 0))
+        id_cond = torch.randn((1, self.id_cond_dim), generator=generator)
+        hidden = [torch.randn((1, self.tokens, self.vit_dim), generator=generator)
+                  for _ in range(NUM_VIT_SCALES)]
+        return FaceFeatures(id_cond.to(self.device), [h.to(self.device) for h in hidden],
+                            aligned=np.zeros((1, 1, 3), np.uint8), clip_input=torch.zeros(3, 1, 1))
+
+
+def speed_setup(pipe: Any, real: bool, resolution: int, seed: int = 0,
+                lora_rank: int = 64) -> SpeedSetup:
+    """PuLID v1.1 at the pipeline's size (random weights): the IDFormer and the ID attention
+    via ``attach_pulid``, fed random face features of the real encoders' shapes.
+
+    ``resolution`` and ``lora_rank`` do not apply: PuLID places no keypoints and adds no LoRA.
+    """
+    if real:
+        config, tokens = IDFormerConfig(), EVA_TOKENS_PER_IMAGE
+    else:
+        config = tiny_encoder_config("v1.1", pipe.unet.config.cross_attention_dim,
+                                     id_cond_dim=TINY_ID_COND_DIM)
+        tokens = TINY_VIT_TOKENS
+    state = tiny_pulid_state_dict(pipe.unet, "v1.1", seed=seed, encoder_config=config)
+    features = RandomFaceFeatures(config.id_cond_dim, config.vit_dim, tokens,
+                                  pipe.unet.device, seed)
+    adapter = attach_pulid(pipe, state, features, version="v1.1", encoder_config=config)
+    adapter.encoder.to(pipe.unet.device)  # the ID encoder stays float32, as loaded
+    return SpeedSetup(pipe, {"id_images": [reference_photo()]})

@@ -25,6 +25,7 @@ from __future__ import annotations
 from bf_core.testing.conformance import BackendConformance
 from bf_core.testing.fingerprint import pipeline_fingerprint
 from bf_core.testing.kernels import batch_invariant_kernels, forward_hooks_registered
+from bf_core.testing.sessions import opened_session
 from bf_core.testing.tiny import add_tiny_lora, make_scheduler, tiny_sdxl_pipeline, tiny_tokenizers
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "batch_invariant_kernels",
     "forward_hooks_registered",
     "make_scheduler",
+    "opened_session",
     "pipeline_fingerprint",
     "tiny_sdxl_pipeline",
     "tiny_tokenizers",

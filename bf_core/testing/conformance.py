@@ -113,10 +113,10 @@ class BackendConformance:
                 **self.common_kwargs(output_type="latent"), **self.identity_kwargs())
             merged = self.wrapped(pipe, batch_lines=True)(
                 **self.common_kwargs(output_type="latent"), **self.identity_kwargs())
-        assert merged.diagnostics["unet_rows"] == separate.diagnostics["unet_rows"]
-        assert separate.diagnostics["unet_calls"] > self.steps  # the ID line really ran
+        assert merged.diagnostics["model_rows"] == separate.diagnostics["model_rows"]
+        assert separate.diagnostics["model_calls"] > self.steps  # the ID line really ran
         if self.merges_lines:
-            assert merged.diagnostics["unet_calls"] == self.steps  # one call per step
+            assert merged.diagnostics["model_calls"] == self.steps  # one call per step
         assert torch.equal(merged.images, separate.images)
 
     def test_state_restored_after_call(self):

@@ -25,8 +25,8 @@ def test_speed_benchmark_on_the_tiny_pipeline(tmp_path, capsys):
     assert set(variants) == VARIANTS
     assert {m["backend"] for m in result["measurements"]} == {"dreambooth"}
     m1 = round(0.2 * 6)
-    assert variants["stock"]["unet_rows"] == 2 * 6
-    assert variants["wrapped (one call per step)"]["unet_rows"] == 2 * 6 + 2 * (6 - m1 - 1)
+    assert variants["stock"]["model_rows"] == 2 * 6
+    assert variants["wrapped (one call per step)"]["model_rows"] == 2 * 6 + 2 * (6 - m1 - 1)
     assert all(m["seconds"] > 0 and 0 < m["unet_seconds"] <= m["seconds"]
                for m in result["measurements"])
     assert result["idaf_ms"] > 0
@@ -46,9 +46,9 @@ def test_speed_benchmark_times_each_backend_against_its_own_baseline(tmp_path):
                          for variant in VARIANTS}
     m1 = round(0.2 * steps)
     for backend in ("ipadapter", "pulid"):
-        assert rows[backend, "stock"]["unet_rows"] == 2 * steps
+        assert rows[backend, "stock"]["model_rows"] == 2 * steps
         for variant in VARIANTS - {"stock"}:
-            assert rows[backend, variant]["unet_rows"] == 2 * steps + 2 * (steps - m1 - 1)
+            assert rows[backend, variant]["model_rows"] == 2 * steps + 2 * (steps - m1 - 1)
     assert all(m["mode"] == "eager" and m["seconds"] > 0 and 0 < m["unet_seconds"] <= m["seconds"]
                for m in result["measurements"])
     table = (tmp_path / "speed.md").read_text()
@@ -82,11 +82,15 @@ def test_results_are_saved_after_each_measurement(tmp_path, monkeypatch):
             saved.append(len(json.loads((tmp_path / "speed.json").read_text())["measurements"]))
         return real_measure(args, watching)
 
-    def broken_setup(*args, **kwargs):
-        raise RuntimeError("out of memory while building the ID modules")
+    real_setup = speed.speed_setup
+
+    def setup_or_break(name, *args, **kwargs):
+        if name == "pulid":
+            raise RuntimeError("out of memory while building the ID modules")
+        return real_setup(name, *args, **kwargs)
 
     monkeypatch.setattr(speed, "measure", measure_and_watch)
-    monkeypatch.setitem(speed.SETUPS, "pulid", broken_setup)
+    monkeypatch.setattr(speed, "speed_setup", setup_or_break)
     assert speed.main(["--size", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "4",
                        "--repeats", "1", "--idaf-iterations", "5", "--no-progress",
                        "--backends", "dreambooth,pulid", "--out", str(tmp_path)]) == 1

@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 
 from benchmarks.scenarios import BenchIdentity
-from benchmarks.targets import BackendTarget, resolve_target
+from benchmarks.targets import BackendTarget, installed_target, resolve_target
+from bf_core.extras import BackendExtras, PipelineSetup
 
 BUILT_IN_BACKENDS = ("dreambooth", "instantid", "ipadapter", "photomaker", "pulid")
-#: the backends whose benchmark protocol is their own (the others come from KNOWN_BACKENDS)
+#: the backends whose benchmark call keywords are their own (the others take the default)
 PROTOCOL_BACKENDS = ("instantid", "photomaker", "pulid")
 
 
@@ -19,43 +20,47 @@ class _BareBackend:
     default_id_prompt = "a person"
 
 
-class _ProtocolBackend(_BareBackend):
-    """A backend that speaks the benchmark protocol, as a new backend would."""
-
-    name = "newcomer"
+class _NewcomerExtras:
+    """What a new backend's plugin answers through ``bf_backend_extras``."""
 
     def __init__(self):
         self.built_with: list[int] = []
 
-    def benchmark_tiny_pipeline(self, seed: int = 0):
+    def tiny_pipeline(self, seed: int = 0):
         self.built_with.append(seed)
-        return f"tiny pipeline {seed}"
+        return PipelineSetup(f"tiny pipeline {seed}", options={"face_analyzer": "tiny"})
 
-    def benchmark_call_kwargs(self, identity, images):
-        return {"id_images": images[:1], "newcomer_option": identity.name}
+    def extras(self, **fields):
+        return BackendExtras(prompt="p", id_prompt="a person", tiny_pipeline=self.tiny_pipeline,
+                             **fields)
 
 
-def test_a_backend_with_the_protocol_is_picked_up_for_tiny_runs():
-    backend = _ProtocolBackend()
-    target = resolve_target(backend, tiny=True, base_model=None)
+def test_a_backend_with_extras_is_picked_up_for_tiny_runs():
+    newcomer = _NewcomerExtras()
+    extras = newcomer.extras(call_kwargs=lambda identity, images: {
+        "id_images": images[:1], "newcomer_option": identity.name})
+    backend = type("Newcomer", (_BareBackend,), {"name": "newcomer"})()
+    target = resolve_target(backend, extras, tiny=True, base_model=None)
     assert isinstance(target, BackendTarget) and target.name == "newcomer"
-    assert target.build_pipeline(None) == "tiny pipeline 0" and backend.built_with == [0]
+    setup = target.build_pipeline(None)
+    assert setup.pipe == "tiny pipeline 0" and newcomer.built_with == [0]
+    assert setup.options == {"face_analyzer": "tiny"}
     identity = BenchIdentity("alice", ())
     assert target.call_kwargs(identity, ["photo1", "photo2"]) == {
         "id_images": ["photo1"], "newcomer_option": "alice"}
 
 
-def test_a_backend_without_a_tiny_pipeline_is_left_out_with_the_reason():
-    why = resolve_target(_BareBackend(), tiny=True, base_model=None)
-    assert isinstance(why, str) and "benchmark_tiny_pipeline" in why
+def test_a_backend_without_extras_is_left_out_with_the_reason():
+    why = resolve_target(_BareBackend(), None, tiny=True, base_model=None)
+    assert isinstance(why, str) and "bf_backend_extras" in why
+    no_files = resolve_target(_BareBackend(), _NewcomerExtras().extras(), tiny=False,
+                              base_model="some/sdxl")
+    assert isinstance(no_files, str) and "load_pipeline" in no_files
 
 
 def test_default_call_keywords_pass_the_photos_and_the_identity_prompt():
-    class Backend(_BareBackend):
-        def benchmark_tiny_pipeline(self, seed=0):
-            return None
-
-    target = resolve_target(Backend(), tiny=True, base_model=None)
+    target = resolve_target(_BareBackend(), _NewcomerExtras().extras(), tiny=True,
+                            base_model=None)
     plain = BenchIdentity("p", ())
     prompted = BenchIdentity("q", (), id_prompt="a photo of a woman",
                              backend_options={"bare": {"id_prompt": "a photo of bare person"}})
@@ -64,20 +69,28 @@ def test_default_call_keywords_pass_the_photos_and_the_identity_prompt():
                                                    "id_prompt": "a photo of bare person"}
 
 
-def test_installed_ipadapter_is_in_tiny_runs_and_its_own_protocol_would_win():
-    from bf_core.plugins import get_registry
+def test_installed_ipadapter_is_in_tiny_runs_and_a_plugin_answering_for_it_wins():
+    from bf_core.hookspecs import hookimpl
+    from bf_core.plugins import get_registry, register_plugin, unregister_plugin
 
     installed = get_registry().backends()
     if "ipadapter" not in installed:
         pytest.skip("the IP-Adapter backend is not installed")
-    assert isinstance(resolve_target(installed["ipadapter"], tiny=True, base_model=None),
-                      BackendTarget)
+    assert isinstance(installed_target("ipadapter", tiny=True, base_model=None), BackendTarget)
 
-    class OwnIPAdapter(_ProtocolBackend):
-        name = "ipadapter"
+    newcomer = _NewcomerExtras()
 
-    own = resolve_target(OwnIPAdapter(), tiny=True, base_model=None)
-    assert own.build_pipeline(None) == "tiny pipeline 0"  # not the known fallback
+    class OwnExtras:
+        @hookimpl
+        def bf_backend_extras(self, backend):
+            return newcomer.extras() if backend == "ipadapter" else None
+
+    name = register_plugin(OwnExtras(), name="test-own-ipadapter-extras")
+    try:
+        own = installed_target("ipadapter", tiny=True, base_model=None)
+        assert own.build_pipeline(None).pipe == "tiny pipeline 0"  # the newest answer wins
+    finally:
+        unregister_plugin(name)
 
 
 def _installed(names):
@@ -106,14 +119,14 @@ def test_a_tiny_run_targets_every_built_in_backend(tmp_path):
 
 def test_photomaker_is_called_with_its_trigger_word_and_scored_on_the_scene_prompt():
     backend = _installed(["photomaker"])["photomaker"]
-    target = resolve_target(backend, tiny=True, base_model=None)
+    target = installed_target("photomaker", tiny=True, base_model=None)
     scene = "A person is kneeling by a small lake, touching the water"
     assert target.prompt(scene) == "A person img is kneeling by a small lake, touching the water"
     assert target.prompt("a woman img by a lake") == "a woman img by a lake"  # already there
     assert target.prompt("a quiet lake at dawn") == "a quiet lake at dawn"  # no class word
     for other in ("dreambooth", "ipadapter"):
-        assert resolve_target(_installed([other])[other], tiny=True,
-                              base_model=None).prompt(scene) == scene
+        _installed([other])
+        assert installed_target(other, tiny=True, base_model=None).prompt(scene) == scene
 
     plain = BenchIdentity("p", ())
     shared = BenchIdentity("q", (), id_prompt="a photo of a woman")
@@ -128,13 +141,13 @@ def test_photomaker_is_called_with_its_trigger_word_and_scored_on_the_scene_prom
 def test_real_runs_of_instantid_and_pulid_say_which_files_their_checkpoint_needs(tmp_path):
     from bf_core.errors import ConfigError
 
-    installed = _installed(["instantid", "pulid"])
+    _installed(["instantid", "pulid"])
     (tmp_path / "ip-adapter.bin").write_bytes(b"")  # no ControlNetModel/ beside it
     pulid_file = tmp_path / "pulid_v1.bin"
     pulid_file.write_bytes(b"")  # no face models beside it
     for name, checkpoint, named in (("instantid", tmp_path, "ControlNetModel/"),
                                     ("pulid", pulid_file, "parsing_bisenet.pth")):
-        target = resolve_target(installed[name], tiny=False, base_model="some/sdxl")
+        target = installed_target(name, tiny=False, base_model="some/sdxl")
         with pytest.raises(ConfigError, match=named):
             target.build_pipeline(str(checkpoint))
 
@@ -150,16 +163,17 @@ def test_each_protocol_backend_draws_a_tiny_image_through_its_benchmark_target(t
     from benchmarks.cli import _tiny_identities
     from benchmarks.scenarios import Setting, load_identity, load_prompt_set
 
-    installed = _installed(PROTOCOL_BACKENDS)
+    _installed(PROTOCOL_BACKENDS)
     identity = load_identity(_tiny_identities(tmp_path)[0])
     photos = identity.load_images()
     scene = load_prompt_set("action").prompts[0]
     baseline = Setting.named("baseline")
     for name in PROTOCOL_BACKENDS:
-        target = resolve_target(installed[name], tiny=True, base_model=None)
-        pipe = target.build_pipeline(None)
+        target = installed_target(name, tiny=True, base_model=None)
+        setup = target.build_pipeline(None)
+        pipe = setup.pipe
         pipe.set_progress_bar_config(disable=True)
-        kwargs = target.call_kwargs(identity, photos)
+        kwargs = {**setup.options, **target.call_kwargs(identity, photos)}
         assert kwargs["id_images"] == photos, name
         result = bf_core.wrap(pipe, backend=name, config=baseline.config)(
             prompt=target.prompt(scene), num_inference_steps=2, guidance_scale=5.0,
@@ -168,7 +182,7 @@ def test_each_protocol_backend_draws_a_tiny_image_through_its_benchmark_target(t
         pixels = np.asarray(result.images[0], dtype=np.float32)
         assert pixels.shape == (64, 64, 3), name
         assert np.isfinite(pixels).all() and pixels.std() > 0, name  # a picture, not a blank
-        assert result.diagnostics["unet_rows"] > 0, name
+        assert result.diagnostics["model_rows"] > 0, name
 
 
 def test_largest_face_is_the_largest_of_all_detections_with_the_same_embedding(tmp_path):

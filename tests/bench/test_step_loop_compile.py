@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bf_backends
 import bf_core
 from benchmarks import speed
+from bf_core.extras import SpeedSetup
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -26,15 +27,17 @@ PROJECT_FOLDERS = tuple(str(Path(module.__file__).parent) for module in (bf_core
 TORCH_FOLDER = str(Path(torch.__file__).parent)
 
 
-def backend_setup(name: str) -> speed.BackendSetup:
-    setup = speed.SETUPS[name](speed.tiny_pipeline("cpu", torch.float32), False, 4, 64)
+def backend_setup(name: str) -> SpeedSetup:
+    setup = speed.speed_setup(name, speed.tiny_pipeline("cpu", torch.float32), False, 64,
+                              lora_rank=4)
     setup.pipe.set_progress_bar_config(disable=True)
     return setup
 
 
-def generate(setup: speed.BackendSetup, name: str, steps: int = 6, **config):
+def generate(setup: SpeedSetup, name: str, steps: int = 6, **config):
     wrapper = bf_core.wrap(setup.pipe, backend=name, config=bf_core.BFConfig(**config))
-    return wrapper(prompt=setup.prompt, num_inference_steps=steps, height=64, width=64,
+    return wrapper(prompt=setup.prompt or speed.PROMPT, num_inference_steps=steps, height=64,
+                   width=64,
                    output_type="latent", generator=torch.Generator().manual_seed(0),
                    **setup.identity)
 
@@ -55,7 +58,7 @@ def test_compiled_unet_runs_both_lines_in_one_graph_and_compiles_once(name):
     setup.pipe.unet = torch.compile(setup.pipe.unet, fullgraph=True, backend="eager")
     counters.clear()
     first = generate(setup, name)
-    assert first.diagnostics["unet_calls"] == 6  # both lines merged at every two-line step
+    assert first.diagnostics["model_calls"] == 6  # both lines merged at every two-line step
     assert counters["graph_break"] == {}
     assert counters["stats"]["unique_graphs"] > 0  # the UNet really went through dynamo
     torch.testing.assert_close(first.images, eager.images, rtol=0, atol=1e-5)
@@ -91,12 +94,12 @@ class HostReadRecorder(TorchDispatchMode):
 
     def __init__(self, unet):
         super().__init__()
-        self.unet_calls = 0
+        self.model_calls = 0
         self.reads: list[tuple[int, str]] = []
         self._hook = unet.register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
-        self.unet_calls += 1
+        self.model_calls += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _reads_host(func, args):
@@ -104,7 +107,7 @@ class HostReadRecorder(TorchDispatchMode):
                      if not frame.filename.startswith(TORCH_FOLDER) and frame.filename != __file__][-1]
             if frame.filename.startswith(PROJECT_FOLDERS):
                 where = f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
-                self.reads.append((self.unet_calls, where))
+                self.reads.append((self.model_calls, where))
         return func(*args, **(kwargs or {}))
 
     def close(self):
@@ -120,27 +123,27 @@ def test_step_loop_never_reads_tensor_values_on_the_host(name):
             out = generate(setup, name, steps=8)
     finally:
         recorder.close()
-    total = recorder.unet_calls
-    assert total == out.diagnostics["unet_calls"] == 8
+    total = recorder.model_calls
+    assert total == out.diagnostics["model_calls"] == 8
     # Between the first UNet call and the last, nothing of ours may wait for the device.
     in_loop = [(call, where) for call, where in recorder.reads if 0 < call < total]
     assert in_loop == [], f"host reads inside the step loop (UNet call index, site): {in_loop}"
     # The recorder sees our reads: the NaN check on the final latents, once, after the loop.
     after = [where for call, where in recorder.reads if call == total]
-    assert len(after) == 1 and "dli.py" in after[0], after
+    assert len(after) == 1 and "sdxl.py" in after[0], after
 
 
 def test_host_read_recorder_catches_a_read_planted_in_the_loop(monkeypatch):
-    import bf_core.dli
+    import bf_core.loop
 
-    real_predict = bf_core.dli.predict
+    real_evaluate = bf_core.loop.evaluate
 
-    def predict_then_peek(*args, **kwargs):
-        predictions = real_predict(*args, **kwargs)
-        float(args[1][0].sample.flatten()[0])  # what a stray .item() in the loop would do
+    def evaluate_then_peek(host, session, batches, batch_lines):
+        predictions = real_evaluate(host, session, batches, batch_lines)
+        float(batches[0].sample.flatten()[0])  # what a stray .item() in the loop would do
         return predictions
 
-    monkeypatch.setattr(bf_core.dli, "predict", predict_then_peek)
+    monkeypatch.setattr(bf_core.loop, "evaluate", evaluate_then_peek)
     setup = backend_setup("dreambooth")
     recorder = HostReadRecorder(setup.pipe.unet)
     try:
@@ -148,5 +151,5 @@ def test_host_read_recorder_catches_a_read_planted_in_the_loop(monkeypatch):
             generate(setup, "dreambooth", steps=4)
     finally:
         recorder.close()
-    in_loop = [where for call, where in recorder.reads if 0 < call < recorder.unet_calls]
-    assert len(in_loop) == 3 and all("dli.py" in where for where in in_loop)
+    in_loop = [where for call, where in recorder.reads if 0 < call < recorder.model_calls]
+    assert len(in_loop) == 3 and all("loop.py" in where for where in in_loop)

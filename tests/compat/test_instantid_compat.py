@@ -16,7 +16,7 @@ from bf_backends.instantid.loader import (
     resampler_shapes,
 )
 from bf_core.checkpoints import expected_shapes
-from bf_core.sdxl import sdxl_unet_config
+from bf_core.hosts.sdxl import sdxl_unet_config
 
 pytestmark = pytest.mark.compat
 

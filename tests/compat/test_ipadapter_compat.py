@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 
 from bf_backends.ipadapter import state, testing  # noqa: E402
 from bf_core.checkpoints import check_state_dict  # noqa: E402
-from bf_core.sdxl import sdxl_unet_config
+from bf_core.hosts.sdxl import sdxl_unet_config
 
 pytestmark = pytest.mark.compat
 

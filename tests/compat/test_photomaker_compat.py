@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bf_backends.photomaker.encoder import ENCODER_CLASSES
 from bf_backends.photomaker.loader import (
     check_lora_against_unet,
     convert_lora_to_peft,
     load_id_encoder,
     read_photomaker_checkpoint,
 )
+from bf_backends.photomaker.modules import ENCODER_CLASSES
 from bf_core.checkpoints import expected_shapes
-from bf_core.sdxl import sdxl_unet_config
+from bf_core.hosts.sdxl import sdxl_unet_config
 
 pytestmark = pytest.mark.compat
 

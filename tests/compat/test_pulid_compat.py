@@ -10,11 +10,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from bf_backends.pulid.attention import install_pulid_attention, pulid_processor_numbering
-from bf_backends.pulid.encoder import IDEncoder, IDFormer
 from bf_backends.pulid.loader import load_pulid
+from bf_backends.pulid.modules import IDEncoder, IDFormer
 from bf_core.checkpoints import expected_shapes
 from bf_core.errors import CheckpointError
-from bf_core.sdxl import sdxl_unet_config
+from bf_core.hosts.sdxl import sdxl_unet_config
 
 pytestmark = pytest.mark.compat
 

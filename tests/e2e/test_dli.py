@@ -92,7 +92,7 @@ def test_fifty_steps_cost_178_unet_sample_evaluations(pipe):
         recorder.close()
     assert stock_rows == 100
     assert recorder.rows == 178  # semantic 50 x 2 + ID line at steps 11..49, 39 x 2
-    assert out.diagnostics["unet_rows"] == 178
+    assert out.diagnostics["model_rows"] == 178
 
 
 def test_id_line_and_idap_start_after_their_thresholds(pipe):
@@ -165,7 +165,7 @@ def test_shared_negative_matches_separate_negative(pipe):
                                                         idap_start=4, share_negative=True))(
         prompt=PROMPT, id_prompt=ID_PROMPT, **kwargs(output_type="latent"))
     # Shared only while both negatives are identical: steps 2..4 (after M1, up to M2).
-    assert separate.diagnostics["unet_rows"] - shared.diagnostics["unet_rows"] == 3
+    assert separate.diagnostics["model_rows"] - shared.diagnostics["model_rows"] == 3
     torch.testing.assert_close(shared.images, separate.images, rtol=0, atol=1e-5)
 
 
@@ -174,7 +174,7 @@ def test_negative_never_shared_when_the_lines_run_different_models(pipe):
         prompt=PROMPT, id_prompt=ID_PROMPT, **kwargs(output_type="latent"))
     plain = bf_core.wrap(pipe)(prompt=PROMPT, id_prompt=ID_PROMPT, **kwargs(output_type="latent"))
     assert torch.equal(shared.images, plain.images)
-    assert shared.diagnostics["unet_rows"] == plain.diagnostics["unet_rows"]
+    assert shared.diagnostics["model_rows"] == plain.diagnostics["model_rows"]
 
 
 def test_idap_negative_policies_differ_only_with_a_real_negative(pipe):
@@ -195,7 +195,7 @@ def test_ablations_change_the_result(pipe):
             prompt=PROMPT, id_prompt=ID_PROMPT, **kwargs(output_type="latent"))
 
     full, no_idaf, no_idap = run(), run(use_idaf=False), run(use_idap=False)
-    assert no_idaf.diagnostics["unet_rows"] == 12  # the ID line never runs
+    assert no_idaf.diagnostics["model_rows"] == 12  # the ID line never runs
     assert not torch.equal(full.images, no_idaf.images)
     assert not torch.equal(full.images, no_idap.images)
     cfg_delta = run(idaf=bf_core.IdAFConfig(saliency="cfg_delta"))

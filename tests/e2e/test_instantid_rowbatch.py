@@ -4,7 +4,8 @@ The exactness tests take a merged batch from a real run and evaluate the very sa
 inputs three ways: with the backend's row state (ID attention and IdentityNet on for the ID
 rows only), with the identity machinery off for every row (ID attention scale 0, no
 IdentityNet) and on for every row. Same batch composition, same kernels: the rows must agree
-bit for bit. Merged and separate loops agree to round-off only (``bf_core.rowbatch``).
+bit for bit. Merged and separate loops agree to round-off only
+(``bf_core.hosts.sdxl.merge_row_batches``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from PIL import Image
 import bf_core
 from bf_backends.instantid.backend import InstantIDSession
 from bf_backends.instantid.testing import face_pack, tiny_official_style_pipeline, tiny_pipeline
-from bf_core.protocols import Line, RowBatch
+from bf_core.hosts.sdxl import RowBatch
+from bf_core.records import Line
 from bf_core.testing import batch_invariant_kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::bf_core.faces.MultipleFacesWarning")
@@ -91,12 +93,11 @@ def merged_checks(monkeypatch):
     """Runs the three evaluations on the first merged batch that ``wanted`` accepts."""
     found: list[dict] = []
     wanted = [lambda batch: True]
-    original = InstantIDSession.predict_noise
+    original = InstantIDSession.predict
 
-    def spy(self, batches):
-        outputs = original(self, batches)
-        merged = batches[0]
-        if len(batches) == 1 and merged.parts and wanted[0](merged):
+    def spy(self, merged, model):
+        output = original(self, merged, model)
+        if merged.parts and wanted[0](merged):
             tokens, residuals = machinery_on_for_every_row(self, merged)
             # Off for the semantic rows: ID attention at scale 0 (unless the semantic line
             # keeps it, semantic_adapters="on") and IdentityNet not run.
@@ -105,11 +106,11 @@ def merged_checks(monkeypatch):
             self._set_scales(True)
             on = unet_call(self, merged, tokens, residuals)
             ids = [line is not Line.SEMANTIC for line in merged.row_lines]
-            found.append(dict(mixed=outputs[0], off=off, on=on, id_rows=torch.tensor(ids)))
+            found.append(dict(mixed=output, off=off, on=on, id_rows=torch.tensor(ids)))
             raise _Checked
-        return outputs
+        return output
 
-    monkeypatch.setattr(InstantIDSession, "predict_noise", spy)
+    monkeypatch.setattr(InstantIDSession, "predict", spy)
     return found, wanted
 
 
@@ -158,12 +159,12 @@ def test_batched_loop_matches_separate_calls(pipes, analyzer, form):
         separate, batched = run(False), run(True)
     m1, m2 = separate.diagnostics["idaf_start"], separate.diagnostics["idap_start"]
     assert m1 < m2 < STEPS - 1
-    assert separate.diagnostics["unet_calls"] == STEPS + (STEPS - m1 - 1)
+    assert separate.diagnostics["model_calls"] == STEPS + (STEPS - m1 - 1)
     if form == "native":
-        assert batched.diagnostics["unet_calls"] == STEPS  # one call per step
+        assert batched.diagnostics["model_calls"] == STEPS  # one call per step
     else:
-        assert batched.diagnostics["unet_calls"] == STEPS + (STEPS - m2 - 1)
-    assert batched.diagnostics["unet_rows"] == separate.diagnostics["unet_rows"]
+        assert batched.diagnostics["model_calls"] == STEPS + (STEPS - m2 - 1)
+    assert batched.diagnostics["model_rows"] == separate.diagnostics["model_rows"]
     # IdentityNet ran as often, on the same keypoint images (kps='auto' saw the same preview).
     assert len(conds[True]) == len(conds[False]) > 0
     assert all(torch.equal(a, b) for a, b in zip(conds[True], conds[False], strict=True))

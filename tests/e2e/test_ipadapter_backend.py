@@ -22,8 +22,13 @@ from bf_backends.ipadapter.backend import IPAdapterBackend  # noqa: E402
 from bf_backends.ipadapter.state import image_projection_layers, ip_attention_processors  # noqa: E402
 from bf_core.errors import ConfigError, FaceNotFoundError, MultipleFacesError  # noqa: E402
 from bf_core.faces import FaceAnalyzer, align_face  # noqa: E402
-from bf_core.protocols import GenerationRequest  # noqa: E402
-from bf_core.testing import BackendConformance, pipeline_fingerprint, tiny_sdxl_pipeline  # noqa: E402
+from bf_core.records import Person  # noqa: E402
+from bf_core.testing import (  # noqa: E402
+    BackendConformance,
+    opened_session,
+    pipeline_fingerprint,
+    tiny_sdxl_pipeline,
+)
 from bf_core.testing.faces import make_random_insightface_pack  # noqa: E402
 
 # The random detector finds faces all over a random photo; which one is taken is the policy's
@@ -231,9 +236,8 @@ def test_several_reference_images_are_stacked_as_diffusers_stacks_them(variant):
     stock = pipe(**call_kwargs(), ip_adapter_image=[references]).images
     off = bf_core.wrap(pipe, config=bf_core.BFConfig(enabled=False))
     np.testing.assert_array_equal(off(**call_kwargs(), id_images=references).images, stock)
-    request = GenerationRequest(prompt=PROMPT, id_images=references, device=torch.device("cpu"))
-    with IPAdapterBackend().open_session(pipe, request, bf_core.BFConfig()) as session:
-        one = session.encoder.encode(references, "a person", request)
+    with opened_session(pipe, prompt=PROMPT) as session:
+        one = session.encoder.encode(Person(references))
     tokens = testing.PLAIN_TOKENS if variant == "vit-h" else testing.PLUS_QUERIES
     assert one.tokens.shape == (1, 2 * tokens, pipe.unet.config.cross_attention_dim)
     assert one.negative_tokens.shape == one.tokens.shape
@@ -286,7 +290,7 @@ def test_shared_negative_with_adapters_on_changes_nothing_beyond_round_off(analy
     separate = bf_core.wrap(pipe, config=config)(**call_kwargs(), **kwargs)
     shared = bf_core.wrap(pipe, config=bf_core.BFConfig(
         semantic_adapters="on", use_idap=False, share_negative=True))(**call_kwargs(), **kwargs)
-    assert shared.diagnostics["unet_rows"] < separate.diagnostics["unet_rows"]
+    assert shared.diagnostics["model_rows"] < separate.diagnostics["model_rows"]
     np.testing.assert_allclose(shared.images, separate.images, atol=1e-5)
 
 

@@ -23,7 +23,7 @@ from bf_backends.ipadapter.state import (  # noqa: E402
     ip_attention_processors,
 )
 from bf_core.faces import FaceAnalyzer  # noqa: E402
-from bf_core.protocols import Line  # noqa: E402
+from bf_core.records import Line  # noqa: E402
 from bf_core.testing import (  # noqa: E402
     add_tiny_lora,
     batch_invariant_kernels,
@@ -90,26 +90,25 @@ def test_row_switch_is_exact_within_the_merged_batch(variant, style_lora, analyz
         add_tiny_lora(pipe, adapter_name="style", text_encoders=False)
         pipe.unet.set_adapters(["faceid_0", "style"], weights=[1.0, 0.5])
     checked = []
-    original = IPAdapterSession.predict_noise
+    original = IPAdapterSession.predict
 
-    def predict_and_compare(session, batches):
-        outputs = original(session, batches)
-        merged = batches[0]
-        if merged.line is None:
+    def predict_and_compare(session, batch, model):
+        output = original(session, batch, model)
+        if batch.line is None:
             with session.line_state(Line.SEMANTIC):
-                all_off = session.unet_forward(merged)
+                all_off = session.forward(batch, model)
             with session.line_state(Line.ID):
-                all_on = session.unet_forward(merged)
-            semantic = torch.tensor([line is Line.SEMANTIC for line in merged.row_lines])
-            checked.append((merged.encoder_attention_mask is not None,
-                            torch.equal(outputs[0][semantic], all_off[semantic]),
-                            torch.equal(outputs[0][~semantic], all_on[~semantic]),
+                all_on = session.forward(batch, model)
+            semantic = torch.tensor([line is Line.SEMANTIC for line in batch.row_lines])
+            checked.append((batch.encoder_attention_mask is not None,
+                            torch.equal(output[semantic], all_off[semantic]),
+                            torch.equal(output[~semantic], all_on[~semantic]),
                             torch.equal(all_off, all_on)))
-        return outputs
+        return output
 
-    monkeypatch.setattr(IPAdapterSession, "predict_noise", predict_and_compare)
+    monkeypatch.setattr(IPAdapterSession, "predict", predict_and_compare)
     out = bf_core.wrap(pipe)(**call_kwargs(6), **identity_kwargs(variant, analyzer))
-    assert out.diagnostics["unet_calls"] == 6  # one call per step, both lines merged where both run
+    assert out.diagnostics["model_calls"] == 6  # one call per step, both lines merged where both run
     both_lines = separate_calls(6, out.diagnostics["idaf_start"]) - 6
     assert both_lines >= 2 and len(checked) == both_lines
     # Before M2 both contexts are 77 tokens; after it IdAP lengthens the semantic one, so the
@@ -133,9 +132,9 @@ def test_batched_loop_matches_separate_calls(variant, policy, analyzer):
     with batch_invariant_kernels():  # else kernels differ by batch size (~1e-6)
         separate, batched = run(False), run(True)
     m1 = separate.diagnostics["idaf_start"]
-    assert separate.diagnostics["unet_calls"] == separate_calls(10, m1)
-    assert batched.diagnostics["unet_calls"] == 10  # one call per step
-    assert batched.diagnostics["unet_rows"] == separate.diagnostics["unet_rows"]
+    assert separate.diagnostics["model_calls"] == separate_calls(10, m1)
+    assert batched.diagnostics["model_calls"] == 10  # one call per step
+    assert batched.diagnostics["model_rows"] == separate.diagnostics["model_rows"]
     assert torch.equal(batched.images, separate.images)
 
 
@@ -145,7 +144,7 @@ def test_biased_ip_projection_falls_back_to_separate_calls():
     to_k_ip = ip_attention_processors(pipe)[0].to_k_ip[0]
     to_k_ip.bias = torch.nn.Parameter(torch.full((to_k_ip.out_features,), 0.1))
     out = bf_core.wrap(pipe)(**call_kwargs(6), id_images=[photo()])
-    assert out.diagnostics["unet_calls"] == separate_calls(6, out.diagnostics["idaf_start"])
+    assert out.diagnostics["model_calls"] == separate_calls(6, out.diagnostics["idaf_start"])
 
 
 def test_ip_masks_batch_only_when_one_row_fits_every_batch():
@@ -193,7 +192,7 @@ def test_faceid_row_mask_hooks_are_installed_once_per_call(analyzer):
                       for name in layer.active_adapters if name in layer.lora_B]
     with forward_hooks_registered() as registered:
         out = bf_core.wrap(pipe)(**call_kwargs(8), **identity_kwargs("faceid", analyzer))
-    assert out.diagnostics["unet_calls"] == 8  # merged steps did run
+    assert out.diagnostics["model_calls"] == 8  # merged steps did run
     up_ids = {id(p) for p in up_projections}
     on_up = [id(m) for m in registered if id(m) in up_ids]
     assert up_ids and sorted(on_up) == sorted(up_ids)  # each hooked exactly once

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 import bf_core
-from bf_backends.photomaker.backend import PhotoMakerIdentityEncoder, PhotoMakerSession
+from bf_backends.photomaker.backend import PhotoMakerSession
+from bf_backends.photomaker.encoder import PhotoMakerIdentityEncoder
 from bf_backends.photomaker.images import preprocess_id_images
 from bf_backends.photomaker.testing import reference_photo_path, tiny_pipeline
 from bf_core.images import load_image
-from bf_core.protocols import Line
+from bf_core.records import Line
 from bf_core.switching import peft_tuner_layers
-from bf_core.testing import BackendConformance
+from bf_core.testing import BackendConformance, opened_session
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -167,13 +168,15 @@ def test_each_line_sees_the_lora_state_the_config_says(monkeypatch, semantic_ada
                                                        semantic_lora):
     pipe = tiny_pipeline(version=1)
     seen: dict[Line, set[bool]] = {}
-    forward = PhotoMakerSession.unet_forward
+    predict = PhotoMakerSession.predict
 
-    def spy(session, batch):
-        seen.setdefault(batch.line, set()).add(_photomaker_lora_active(pipe.unet))
-        return forward(session, batch)
+    def spy(session, batch, model):
+        def recording_model(rows, **extra):
+            seen.setdefault(batch.line, set()).add(_photomaker_lora_active(pipe.unet))
+            return model(rows, **extra)
+        return predict(session, batch, recording_model)
 
-    monkeypatch.setattr(PhotoMakerSession, "unet_forward", spy)
+    monkeypatch.setattr(PhotoMakerSession, "predict", spy)
     # One UNet call per line, so that each call shows one line's LoRA state (the merged,
     # row-masked call is covered by test_photomaker_rowbatch.py).
     bf = bf_core.wrap(pipe, config=bf_core.BFConfig(semantic_adapters=semantic_adapters,
@@ -193,8 +196,6 @@ def test_semantic_line_switches_off_photomaker_but_keeps_a_shared_style_lora():
     add_tiny_lora(pipe, adapter_name="style", text_encoders=False)
     pipe.set_adapters(["photomaker", "style"], adapter_weights=[1.0, 1.0])
     unet = pipe.unet
-    session = PhotoMakerSession(bf_core.wrap(pipe).backend, pipe,
-                                bf_core.protocols.GenerationRequest(prompt="x"), bf_core.BFConfig())
     sample = torch.randn(1, 4, 8, 8)
     hidden = torch.randn(1, 77, 64)
     added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}
@@ -203,7 +204,7 @@ def test_semantic_line_switches_off_photomaker_but_keeps_a_shared_style_lora():
         return unet(sample, 10, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
     both = predict()
-    with session.line_state(Line.SEMANTIC):
+    with opened_session(pipe) as session, session.line_state(Line.SEMANTIC):
         style_only = predict()
     pipe.set_adapters(["style"])
     expected = predict()
@@ -220,7 +221,7 @@ def test_identity_tokens_are_the_fused_id_prompt(monkeypatch):
 
     def spy(encoder, *args):
         captured["identity"] = encode(encoder, *args)
-        captured["references"] = encoder.session.references()
+        captured["references"] = captured["identity"].state["references"]
         return captured["identity"]
 
     monkeypatch.setattr(PhotoMakerIdentityEncoder, "encode", spy)

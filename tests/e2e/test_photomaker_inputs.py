@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import bf_core
-from bf_backends.photomaker.backend import PhotoMakerBackend, official_tokens_per_image
-from bf_backends.photomaker.encoder import build_tiny_encoder
+from bf_backends.photomaker.backend import PhotoMakerBackend
+from bf_backends.photomaker.encoder import official_tokens_per_image
 from bf_backends.photomaker.loader import load_photomaker
 from bf_backends.photomaker.testing import (
+    build_tiny_encoder,
     make_tiny_lora_weights,
     official_like,
     reference_photo_path,

@@ -9,13 +9,17 @@ import pytest
 import torch
 
 import bf_core
-from bf_backends.photomaker.backend import PhotoMakerSession
 from bf_backends.photomaker.testing import official_like, reference_photo_path, tiny_pipeline
 from bf_core.errors import ConfigError
-from bf_core.protocols import GenerationRequest, Line, RowBatch
-from bf_core.rowbatch import lora_up_projections, merge_row_batches
-from bf_core.switching import adapters_disabled
-from bf_core.testing import add_tiny_lora, batch_invariant_kernels, forward_hooks_registered
+from bf_core.hosts.sdxl import RowBatch, SDXLModel, merge_row_batches
+from bf_core.records import Line
+from bf_core.switching import active_up_projections, adapters_disabled, peft_tuner_layers
+from bf_core.testing import (
+    add_tiny_lora,
+    batch_invariant_kernels,
+    forward_hooks_registered,
+    opened_session,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -30,9 +34,8 @@ def with_style_lora(pipe):
     return pipe
 
 
-def session_for(pipe, **config) -> PhotoMakerSession:
-    return PhotoMakerSession(bf_core.wrap(pipe).backend, pipe, GenerationRequest(prompt="x"),
-                             bf_core.BFConfig(**config))
+def lora_up_projections(unet) -> list[torch.nn.Module]:
+    return active_up_projections([layer for _, layer in peft_tuner_layers(unet)])
 
 
 def line_batch(line: Line, rows: int, length: int, seed: int) -> RowBatch:
@@ -42,9 +45,9 @@ def line_batch(line: Line, rows: int, length: int, seed: int) -> RowBatch:
                     torch.randn(rows, 32, generator=generator), torch.randn(rows, 6, generator=generator))
 
 
-def run_merged(session: PhotoMakerSession, merged: RowBatch, state) -> torch.Tensor:
+def run_merged(session, merged: RowBatch, state) -> torch.Tensor:
     with torch.no_grad(), state:
-        return session.unet_forward(merged)
+        return SDXLModel(session.pipe)(merged)
 
 
 @pytest.mark.parametrize("style", [False, True], ids=["photomaker-only", "with-style-lora"])
@@ -52,24 +55,25 @@ def test_row_state_is_exact_for_each_row_of_one_merged_call(style):
     pipe = tiny_pipeline(version=1)
     if style:
         with_style_lora(pipe)
-    session = session_for(pipe)
     # Semantic rows with a longer context (IdAP's K extra tokens), so the padding mask is in play.
     merged = merge_row_batches([line_batch(Line.SEMANTIC, 2, 85, seed=1),
                                 line_batch(Line.ID, 2, 77, seed=2)])
     assert merged.encoder_attention_mask is not None
-    assert session.supports_row_batching(merged.parts)
-
-    mixed = run_merged(session, merged, session.batch_state(merged))
-    lora_off = run_merged(session, merged, session.line_state(Line.SEMANTIC))
-    lora_on = run_merged(session, merged, session.line_state(Line.ID))
-    # Same inputs, same batch size, same kernels: each row is bit for bit its line's model.
-    assert torch.equal(mixed[:2], lora_off[:2])
-    assert torch.equal(mixed[2:], lora_on[2:])
-    assert not torch.allclose(lora_off, lora_on)  # the PhotoMaker LoRA really acts
-    if style:  # the style LoRA stays on for the semantic rows
-        bare = run_merged(session, merged, adapters_disabled([pipe.unet]))
-        assert not torch.allclose(mixed[:2], bare[:2])
-    # Hooks are gone afterwards: the whole batch is back to the LoRA-on model.
+    with opened_session(pipe) as session:
+        assert session.supports_row_batching(merged)
+        mixed = run_merged(session, merged, session.rows_state(merged))
+        lora_off = run_merged(session, merged, session.line_state(Line.SEMANTIC))
+        lora_on = run_merged(session, merged, session.line_state(Line.ID))
+        # Same inputs, same batch size, same kernels: each row is bit for bit its line's model.
+        assert torch.equal(mixed[:2], lora_off[:2])
+        assert torch.equal(mixed[2:], lora_on[2:])
+        assert not torch.allclose(lora_off, lora_on)  # the PhotoMaker LoRA really acts
+        if style:  # the style LoRA stays on for the semantic rows
+            bare = run_merged(session, merged, adapters_disabled([pipe.unet]))
+            assert not torch.allclose(mixed[:2], bare[:2])
+        # Outside a rows block the hooks pass through: the whole batch is the LoRA-on model.
+        assert torch.equal(run_merged(session, merged, nullcontext()), lora_on)
+    # Hooks are gone after the session: again the LoRA-on model.
     assert torch.equal(run_merged(session, merged, nullcontext()), lora_on)
 
 
@@ -93,9 +97,9 @@ def assert_batched_matches_separate(pipe, semantic_adapters="off", **kwargs):
         batched = loop_call(pipe, True, semantic_adapters, **kwargs)
     m1 = separate.diagnostics["idaf_start"]
     assert 0 < m1 < STEPS - 1  # both lines run at some steps, else nothing is tested
-    assert separate.diagnostics["unet_calls"] == separate_calls(STEPS, m1)
-    assert batched.diagnostics["unet_calls"] == STEPS  # one call per step
-    assert batched.diagnostics["unet_rows"] == separate.diagnostics["unet_rows"]
+    assert separate.diagnostics["model_calls"] == separate_calls(STEPS, m1)
+    assert batched.diagnostics["model_calls"] == STEPS  # one call per step
+    assert batched.diagnostics["model_rows"] == separate.diagnostics["model_rows"]
     assert torch.equal(batched.images, separate.images)
 
 
@@ -116,8 +120,10 @@ def test_baseline_stays_one_line_and_is_never_merged():
     out = bf_core.wrap(pipe, config=bf_core.BFConfig(enabled=False))(
         prompt=PROMPT, id_images=[reference_photo_path()], num_inference_steps=4, height=64,
         width=64, output_type="latent", start_merge_step=1)
-    assert out.diagnostics["unet_calls"] == 4
-    assert not session_for(pipe).supports_row_batching([line_batch(Line.BASELINE, 2, 77, 0)] * 2)
+    assert out.diagnostics["model_calls"] == 4
+    with opened_session(pipe) as session:
+        baseline_rows = merge_row_batches([line_batch(Line.BASELINE, 2, 77, 0)] * 2)
+        assert not session.supports_row_batching(baseline_rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -134,22 +140,22 @@ def test_official_pipeline_with_a_baked_in_lora_falls_back_to_separate_calls():
     official = official_like(tiny_pipeline(version=1))
     official.fuse_lora(adapter_names=["photomaker"])
     official.unload_lora_weights()  # the LoRA now lives in the weights, not in PEFT layers
-    assert lora_up_projections([official.unet]) == []
+    assert lora_up_projections(official.unet) == []
     out = loop_call(official, True)
-    assert out.diagnostics["unet_calls"] == separate_calls(STEPS, out.diagnostics["idaf_start"])
+    assert out.diagnostics["model_calls"] == separate_calls(STEPS, out.diagnostics["idaf_start"])
 
 
 def test_fused_lora_batches_only_when_every_row_runs_the_same_model():
     pipe = tiny_pipeline(version=1)
     pipe.fuse_lora(adapter_names=["photomaker"])
-    assert loop_call(pipe, True, "on", steps=4).diagnostics["unet_calls"] == 4
+    assert loop_call(pipe, True, "on", steps=4).diagnostics["model_calls"] == 4
     with pytest.raises(ConfigError, match="fused"):
         loop_call(pipe, True, "off", steps=4)  # separate calls, which name the problem
 
 
 def test_row_masks_are_removed_after_an_exception_inside_a_merged_call():
     pipe = tiny_pipeline(version=1)
-    ups = lora_up_projections([pipe.unet])
+    ups = lora_up_projections(pipe.unet)
     live_hooks = []
 
     def fail_in_merged_call(module, args, output):
@@ -174,7 +180,7 @@ def test_lora_row_mask_hooks_are_installed_once_per_call():
     pipe = tiny_pipeline(version=1, face_analyzer=None)
     with forward_hooks_registered() as registered:
         out = loop_call(pipe, True)
-    assert out.diagnostics["unet_calls"] == STEPS  # merged steps did run
+    assert out.diagnostics["model_calls"] == STEPS  # merged steps did run
     up_projections = {id(m) for m in pipe.unet.modules() if type(m).__name__ == "Linear"
                       and any(m is layer.lora_B[name] for layer in pipe.unet.modules()
                               if hasattr(layer, "lora_B") for name in layer.lora_B)}

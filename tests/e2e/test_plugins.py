@@ -89,9 +89,30 @@ def test_example_plugin_gets_the_method_for_free(installed_example_plugin, monke
     on = bf(**call, id_prompt="a woman with short red hair",
             generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(off, stock)
-    assert np.abs(on.images - stock).max() > 1e-4 and on.diagnostics["unet_rows"] > 10
+    assert np.abs(on.images - stock).max() > 1e-4 and on.diagnostics["model_rows"] > 10
     # Automatic choice still prefers the built-in method backend (priority -10 < 0).
     assert bf_core.wrap(pipe).backend.name == "dreambooth"
+
+
+def test_example_plugin_gets_the_demo_and_the_benchmark_through_its_extras(
+        installed_example_plugin, monkeypatch, fresh_registry, tmp_path):
+    from benchmarks.targets import installed_target
+    from bf_core import cli
+
+    monkeypatch.syspath_prepend(str(installed_example_plugin))
+    importlib.invalidate_caches()
+    monkeypatch.delitem(sys.modules, "beyondfacial_example_plugin.testing", raising=False)
+    assert plugins.get_registry().extras("described-person").id_prompt.startswith("a woman")
+    assert "beyondfacial_example_plugin.testing" not in sys.modules  # named, not imported
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--backend", "described-person", "--out", str(out), "--steps", "3",
+                     "--size", "64"]) == 0
+    assert (out / "demo_seed0_0.png").is_file() and (out / "demo_comparison.png").is_file()
+    settings = json.loads((out / "demo_settings.json").read_text())
+    assert settings["backend"] == "described-person"
+    assert settings["call"]["id_prompt"] == "a woman with short red hair and freckles"
+    target = installed_target("described-person", tiny=True, base_model=None)
+    assert target.build_pipeline(None).pipe.unet.config.addition_embed_type == "text_time"
 
 
 def test_broken_plugin_is_reported_and_skipped(tmp_path, monkeypatch, fresh_registry):
@@ -141,14 +162,16 @@ class _AlwaysServes:
     recognizes_description = "anything with a unet"
     priority = 100
     default_id_prompt = "a person"
+    hosts = ("sdxl",)
+    options = {}
 
     def recognizes(self, pipe):
         return hasattr(pipe, "unet")
 
-    def open_session(self, pipe, request, config):
-        from bf_core.sdxl import SDXLSession
+    def open_session(self, call, config):
+        from bf_core.hosts.sdxl import SDXLSession
 
-        return SDXLSession(self, pipe, request, config)
+        return SDXLSession(self, call, config)
 
 
 class _InProcessPlugin:

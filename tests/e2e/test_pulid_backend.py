@@ -181,7 +181,7 @@ def test_lightning_four_steps_give_m1_m2_one_and_two_id_steps():
     out = bf_core.wrap(tiny_pipeline("v1"), config=bf_core.BFConfig(batch_lines=False))(
         **call_kwargs(), **identity_kwargs())
     assert (out.diagnostics["idaf_start"], out.diagnostics["idap_start"]) == (1, 1)
-    assert out.diagnostics["unet_calls"] == STEPS + 2  # ID line at steps 2 and 3 only
+    assert out.diagnostics["model_calls"] == STEPS + 2  # ID line at steps 2 and 3 only
 
 
 def test_semantic_line_is_plain_sdxl():
@@ -241,10 +241,19 @@ def test_shared_negative_matches_unshared_when_the_id_stays_on():
     kwargs["generator"] = torch.Generator().manual_seed(0)
     shared = bf(**kwargs, config=bf_core.BFConfig(semantic_adapters="on", use_idap=False,
                                                   share_negative=True))
-    assert shared.diagnostics["unet_rows"] < separate.diagnostics["unet_rows"]
+    assert shared.diagnostics["model_rows"] < separate.diagnostics["model_rows"]
     np.testing.assert_allclose(shared.images, separate.images, atol=1e-5)
 
 
 def test_dual_line_without_reference_photos_is_a_named_error():
     with pytest.raises(ConfigError, match="id_images"):
         bf_core.wrap(tiny_pipeline("v1"))(**call_kwargs())
+
+
+def test_baseline_without_reference_photos_is_plain_sdxl():
+    # With the method off the photos are optional: no ID tokens, so the ID attention stays
+    # off; the prompt is encoded as for every line with ID (a missing negative is "").
+    pipe = tiny_pipeline("v1")
+    plain = pipe(negative_prompt="", **call_kwargs()).images
+    baseline = bf_core.wrap(pipe)(**call_kwargs(), config=bf_core.BFConfig(enabled=False))
+    np.testing.assert_array_equal(baseline.images, plain)

@@ -4,6 +4,9 @@ ID state is restored after a failure inside a merged call."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
@@ -11,10 +14,9 @@ from diffusers.models.attention_processor import AttnProcessor
 import bf_core
 from bf_backends.pulid.backend import PuLIDSession
 from bf_backends.pulid.testing import tiny_face_image, tiny_pipeline
-from bf_core.protocols import GenerationRequest, Line, RowBatch
-from bf_core.rowbatch import merge_row_batches
-from bf_core.sdxl import SDXLSession
-from bf_core.testing import batch_invariant_kernels
+from bf_core.hosts.sdxl import RowBatch, SDXLModel, merge_row_batches
+from bf_core.records import Line, Person
+from bf_core.testing import batch_invariant_kernels, opened_session
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -27,10 +29,13 @@ def pipe():
     return tiny_pipeline("v1.1")
 
 
-def session_for(pipe, mode: str = "fidelity", **config) -> PuLIDSession:
-    request = GenerationRequest(prompt="x", id_images=[tiny_face_image(0)],
-                                backend_options={"pulid_mode": mode})
-    return PuLIDSession(bf_core.wrap(pipe).backend, pipe, request, bf_core.BFConfig(**config))
+@contextmanager
+def session_for(pipe, mode: str = "fidelity", **config) -> Iterator[PuLIDSession]:
+    """An opened session whose lines were given the identity of one test photo."""
+    with opened_session(pipe, config=bf_core.BFConfig(**config), pulid_mode=mode) as session:
+        identity = session.encoder.encode(Person([tiny_face_image(0)]))
+        session.conditioning(Line.SEMANTIC, identity)
+        yield session
 
 
 def line_batch(line: Line, rows: int, length: int, seed: int) -> RowBatch:
@@ -44,39 +49,39 @@ def line_batch(line: Line, rows: int, length: int, seed: int) -> RowBatch:
 def plain_unet_call(session: PuLIDSession, batch: RowBatch) -> torch.Tensor:
     """The UNet call without the session's ID state (whatever the state holds is used)."""
     with torch.no_grad():
-        return SDXLSession.unet_forward(session, batch)
+        return SDXLModel(session.pipe)(batch)
 
 
 @pytest.mark.parametrize("mode", ["fidelity", "extremely_style", "plain"])
 def test_row_state_is_exact_for_each_row_of_one_merged_call(pipe, mode):
-    session = session_for(pipe, mode)
     semantic = line_batch(Line.SEMANTIC, 2, 85, seed=1)  # IdAP's K extra tokens: padding
     semantic.encoder_hidden_states[0] = 0  # the stock all-zero negative of the ID-off line
     identity = line_batch(Line.ID, 2, 77, seed=2)
     merged = merge_row_batches([semantic, identity])
     assert merged.encoder_attention_mask is not None
-    assert session.supports_row_batching(merged.parts)
     state = pipe.pulid.state
+    with session_for(pipe, mode) as session:
+        assert session.supports_row_batching(merged)
 
-    with torch.no_grad():
-        mixed = session.unet_forward(merged)
-    with state.disabled():
-        id_off = plain_unet_call(session, merged)
-    # ID on for the whole batch: each line's rows with that line's E_neg / E layout.
-    positive, negative = session.id_embeddings()
-    rows_on = [session.rows_embedding(part, positive, negative) for part in merged.parts]
-    with state.using(torch.cat([embedding for embedding, _ in rows_on]), rows_on[0][1]):
-        id_on = plain_unet_call(session, merged)
+        with torch.no_grad():
+            mixed = session.predict(merged, SDXLModel(pipe))
+        with state.disabled():
+            id_off = plain_unet_call(session, merged)
+        # ID on for the whole batch: each line's rows with that line's E_neg / E layout.
+        positive, negative = session.id_embeddings()
+        rows_on = [session.rows_embedding(part, positive, negative) for part in merged.parts]
+        with state.using(torch.cat([embedding for embedding, _ in rows_on]), rows_on[0][1]):
+            id_on = plain_unet_call(session, merged)
 
-    # Same inputs, same batch, same kernels: every row is bit for bit its own line's model.
-    assert torch.equal(mixed[:2], id_off[:2])
-    assert torch.equal(mixed[2:], id_on[2:])
-    assert not torch.allclose(id_off[2:], id_on[2:])  # the ID attention really acts
-    assert torch.isfinite(mixed).all()
-    if session.attention_config.ortho != "off":
-        # ORTHO divides 0 by 0 on the zero negative; the off row never takes that value.
-        assert not torch.isfinite(id_on[0]).all()
-    assert state.enabled_rows is None and state.id_embedding is None  # restored
+        # Same inputs, same batch, same kernels: every row is bit for bit its own line's model.
+        assert torch.equal(mixed[:2], id_off[:2])
+        assert torch.equal(mixed[2:], id_on[2:])
+        assert not torch.allclose(id_off[2:], id_on[2:])  # the ID attention really acts
+        assert torch.isfinite(mixed).all()
+        if session.attention_config.ortho != "off":
+            # ORTHO divides 0 by 0 on the zero negative; the off row never takes that value.
+            assert not torch.isfinite(id_on[0]).all()
+        assert state.enabled_rows is None and state.id_embedding is None  # restored
 
 
 def loop_call(pipe, config: bf_core.BFConfig, guidance_scale: float = 5.0, steps: int = STEPS,
@@ -103,40 +108,44 @@ def test_batched_loop_matches_separate_calls(pipe, semantic_adapters, guidance_s
         separate, batched = run(False), run(True)
     id_steps = STEPS - separate.diagnostics["idaf_start"] - 1
     assert id_steps > 0
-    assert separate.diagnostics["unet_calls"] == STEPS + id_steps
-    assert batched.diagnostics["unet_calls"] == STEPS  # one call per step
-    assert batched.diagnostics["unet_rows"] == separate.diagnostics["unet_rows"]
+    assert separate.diagnostics["model_calls"] == STEPS + id_steps
+    assert batched.diagnostics["model_calls"] == STEPS  # one call per step
+    assert batched.diagnostics["model_rows"] == separate.diagnostics["model_rows"]
     assert torch.equal(batched.images, separate.images)
 
 
 def test_other_text_processors_fall_back_to_separate_calls(pipe):
     processors = list(pipe.pulid.attention.processors.values())
     replaced = [processor.text_processor for processor in processors]
-    parts = [line_batch(Line.SEMANTIC, 2, 77, 1), line_batch(Line.ID, 2, 77, 2)]
-    assert session_for(pipe).supports_row_batching(parts)
+    merged = merge_row_batches([line_batch(Line.SEMANTIC, 2, 77, 1),
+                                line_batch(Line.ID, 2, 77, 2)])
+    with session_for(pipe) as session:
+        assert session.supports_row_batching(merged)
     # The classic processor computes attention differently: our text attention would not
     # equal it bit for bit in the off rows, so the lines run separately.
     try:
         for processor in processors:
             object.__setattr__(processor, "text_processor", AttnProcessor())
-        assert not session_for(pipe).supports_row_batching(parts)
+        with session_for(pipe) as session:
+            assert not session.supports_row_batching(merged)
         out = loop_call(pipe, bf_core.BFConfig(), steps=5)
-        assert out.diagnostics["unet_calls"] == 5 + 5 - out.diagnostics["idaf_start"] - 1
+        assert out.diagnostics["model_calls"] == 5 + 5 - out.diagnostics["idaf_start"] - 1
         # With the ID on for the semantic rows too no per-row switch is needed.
-        assert session_for(pipe, semantic_adapters="on").supports_row_batching(parts)
+        with session_for(pipe, semantic_adapters="on") as session:
+            assert session.supports_row_batching(merged)
     finally:
         for processor, text_processor in zip(processors, replaced, strict=True):
             object.__setattr__(processor, "text_processor", text_processor)
 
 
 def test_official_id_kwargs_and_baseline_rows_are_never_merged(pipe):
-    session = session_for(pipe)
     parts = [line_batch(Line.SEMANTIC, 2, 77, 1), line_batch(Line.ID, 2, 77, 2)]
     for part in parts:
         part.cross_attention_kwargs = {"id_embedding": torch.zeros(2, 32, 64), "id_scale": 0.8}
-    assert not session.supports_row_batching(parts)
     baseline = [line_batch(Line.BASELINE, 2, 77, 1), line_batch(Line.ID, 2, 77, 2)]
-    assert not session.supports_row_batching(baseline)
+    with session_for(pipe) as session:
+        assert not session.supports_row_batching(merge_row_batches(parts))
+        assert not session.supports_row_batching(merge_row_batches(baseline))
 
 
 def test_state_restored_after_a_failure_inside_a_merged_call(pipe):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import bf_core
-import bf_core.rowbatch
+import bf_core.hosts.sdxl
 from bf_core.errors import ConfigError
-from bf_core.protocols import Line, RowBatch
-from bf_core.rowbatch import lora_rows, merge_row_batches, pad_tokens, row_mask, split_rows
-from bf_core.switching import adapters_disabled
+from bf_core.hosts.sdxl import RowBatch, merge_row_batches, pad_tokens, split_rows
+from bf_core.records import Line
+from bf_core.switching import adapters_disabled, lora_rows, row_mask
 from bf_core.testing import add_tiny_lora, batch_invariant_kernels, tiny_sdxl_pipeline
 
 PROMPT = "a person is kneeling by a small lake"
@@ -141,9 +141,9 @@ def test_batched_loop_matches_separate_calls(pipe, policy):
         separate, batched = run_both_paths(pipe, policy)
     m1, m2 = separate.diagnostics["idaf_start"], separate.diagnostics["idap_start"]
     assert m2 < 9  # IdAP tokens: the merged calls pad the ID rows' context
-    assert separate.diagnostics["unet_calls"] == 10 + (10 - m1 - 1)
-    assert batched.diagnostics["unet_calls"] == 10  # one call per step
-    assert batched.diagnostics["unet_rows"] == separate.diagnostics["unet_rows"]
+    assert separate.diagnostics["model_calls"] == 10 + (10 - m1 - 1)
+    assert batched.diagnostics["model_calls"] == 10  # one call per step
+    assert batched.diagnostics["model_rows"] == separate.diagnostics["model_rows"]
     assert torch.equal(batched.images, separate.images)
 
 
@@ -156,13 +156,13 @@ def test_batched_loop_with_stock_kernels_differs_by_round_off_only(pipe):
 def test_bit_equality_catches_a_leak_between_rows(pipe, monkeypatch, leak):
     """A merged call that lets one row's state touch another must not pass for exact."""
     if leak == "padding attended":
-        real_pad = bf_core.rowbatch.pad_tokens
+        real_pad = bf_core.hosts.sdxl.pad_tokens
 
         def pad_without_mask(embeds, length):
             padded, mask = real_pad(embeds, length)
             return padded, torch.ones_like(mask)
 
-        monkeypatch.setattr(bf_core.rowbatch, "pad_tokens", pad_without_mask)
+        monkeypatch.setattr(bf_core.hosts.sdxl, "pad_tokens", pad_without_mask)
     else:
         from bf_backends.dreambooth import backend as dreambooth
 
@@ -171,7 +171,7 @@ def test_bit_equality_catches_a_leak_between_rows(pipe, monkeypatch, leak):
                             lambda batch, lines: real_mask(batch, lines).clamp(min=1e-3))
     with batch_invariant_kernels():
         separate, batched = run_both_paths(pipe, steps=6)
-    assert batched.diagnostics["unet_calls"] == 6  # the leaky path was the merged one
+    assert batched.diagnostics["model_calls"] == 6  # the leaky path was the merged one
     assert not torch.equal(batched.images, separate.images)
 
 
@@ -183,7 +183,7 @@ def test_unsupported_state_falls_back_to_separate_calls(pipe, monkeypatch):
                              height=64, width=64, output_type="latent",
                              generator=torch.Generator().manual_seed(0))
     m1 = out.diagnostics["idaf_start"]
-    assert out.diagnostics["unet_calls"] == 6 + (6 - m1 - 1)
+    assert out.diagnostics["model_calls"] == 6 + (6 - m1 - 1)
 
 
 def test_fused_lora_batches_only_when_every_row_runs_the_same_model():
@@ -193,7 +193,7 @@ def test_fused_lora_batches_only_when_every_row_runs_the_same_model():
     call = dict(prompt=PROMPT, id_prompt=ID_PROMPT, num_inference_steps=6, height=64, width=64,
                 output_type="latent", generator=torch.Generator().manual_seed(0))
     out = bf_core.wrap(pipe, config=bf_core.BFConfig(semantic_adapters="on"))(**call)
-    assert out.diagnostics["unet_calls"] == 6  # no per-row switch needed: one call per step
+    assert out.diagnostics["model_calls"] == 6  # no per-row switch needed: one call per step
     with pytest.raises(ConfigError, match="fused"):
         bf_core.wrap(pipe)(**call)  # "off" would need the fused LoRA switched off
 

@@ -17,6 +17,7 @@ def test_plugin_guide_shows_the_tested_example_plugin():
     example = ROOT / "tests" / "fixtures" / "example_plugin"
     assert (example / "pyproject.toml").read_text().strip() in blocks
     assert (example / "beyondfacial_example_plugin" / "__init__.py").read_text().strip() in blocks
+    assert (example / "beyondfacial_example_plugin" / "testing.py").read_text().strip() in blocks
 
 
 def test_plugin_guide_shows_the_tested_conformance_example():

@@ -7,22 +7,22 @@ import math
 import pytest
 import torch
 
-from bf_backends.photomaker.encoder import (
-    PhotoMakerFuseModule,
-    PhotoMakerIDEncoderV1,
-    PhotoMakerIDEncoderV2,
-    build_tiny_encoder,
-    tiny_config,
-)
 from bf_backends.photomaker.loader import (
     convert_lora_to_peft,
     load_id_encoder,
     load_photomaker,
     read_photomaker_checkpoint,
 )
+from bf_backends.photomaker.modules import (
+    PhotoMakerFuseModule,
+    PhotoMakerIDEncoderV1,
+    PhotoMakerIDEncoderV2,
+)
 from bf_backends.photomaker.prompt import encode_prompt_with_trigger, fuse_identity
 from bf_backends.photomaker.testing import (
+    build_tiny_encoder,
     make_tiny_lora_weights,
+    tiny_config,
     write_tiny_checkpoint,
 )
 from bf_core.errors import CheckpointError, ConfigError
@@ -82,7 +82,7 @@ def ref_perceiver_tokens(qformer, face, hidden):
         keys, values = kv[:, :d], kv[:, d:]
         hd = attention.head_dim
         heads = []
-        for h in range(attention.num_heads):
+        for h in range(attention.heads):
             sl = slice(h * hd, (h + 1) * hd)
             weights = torch.softmax(query[:, sl] @ keys[:, sl].T / math.sqrt(hd), dim=-1)
             heads.append(weights @ values[:, sl])

@@ -3,7 +3,8 @@
 timm needs a torchvision built for the installed torch, which the default CPU test
 environment does not have, so this module skips there; CI runs it in a second
 environment with torch and torchvision installed together (see docs/backends/pulid.md).
-It imports nothing beyond torch, timm and the PuLID feature/encoder modules.
+It imports nothing beyond torch, timm and the PuLID feature, module and test-support
+modules.
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ def _import_timm_or_skip():
 
 eva_module = _import_timm_or_skip()
 
-from bf_backends.pulid.encoder import IDEncoder, IDEncoderConfig  # noqa: E402
 from bf_backends.pulid.eva import (  # noqa: E402
     PULID_HIDDEN_BLOCKS,
     EVAFeatures,
     build_eva_tower,
     eva02_clip_l_336_args,
-    tiny_eva_args,
 )
 from bf_backends.pulid.features import (  # noqa: E402
     clip_pixels,
     id_condition,
     whitened_grey_face,
 )
+from bf_backends.pulid.modules import IDEncoder, IDEncoderConfig  # noqa: E402
+from bf_backends.pulid.testing import tiny_eva_args  # noqa: E402
 
 # The spec's rename table between the original EVA-CLIP keys and timm's (docs/backends/pulid.md).
 TIMM_TO_ORIGINAL = (("attn.norm.", "attn.inner_attn_ln."), ("mlp.norm.", "mlp.ffn_ln."),

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bf_backends.pulid.encoder import encode_identity, guidance_off_sequence
 from bf_backends.pulid.eva import EVAFeatures, build_eva_tower
 from bf_backends.pulid.features import (
     FFHQ_TEMPLATE_512,
@@ -19,7 +20,6 @@ from bf_backends.pulid.features import (
     parse_face,
     whitened_grey_face,
 )
-from bf_backends.pulid.identity import encode_identity, guidance_off_sequence
 from bf_backends.pulid.testing import (
     TINY_ID_COND_DIM,
     TinyFaceParser,
@@ -115,7 +115,7 @@ def _features_of_images(version, images):
 @pytest.mark.parametrize("version, images, id_mix, tokens", [
     ("v1", 1, False, 10), ("v1", 2, False, 15), ("v1", 2, True, 20), ("v1.1", 2, False, 32)])
 def test_id_token_counts(version, images, id_mix, tokens):
-    from bf_backends.pulid.encoder import build_encoder
+    from bf_backends.pulid.modules import build_encoder
 
     torch.manual_seed(0)
     encoder = build_encoder(version, tiny_encoder_config(version, 64, TINY_ID_COND_DIM)).eval()

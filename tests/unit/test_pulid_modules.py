@@ -22,13 +22,13 @@ from bf_backends.pulid.attention import (
     pulid_processor_numbering,
     spatial_projection,
 )
-from bf_backends.pulid.encoder import (
+from bf_backends.pulid.loader import load_pulid, read_pulid_weights
+from bf_backends.pulid.modules import (
     IDEncoder,
     IDFormer,
     IDFormerConfig,
     negative_id_embedding,
 )
-from bf_backends.pulid.loader import load_pulid, read_pulid_weights
 from bf_backends.pulid.testing import (
     TINY_VIT_TOKENS,
     tiny_encoder_config,

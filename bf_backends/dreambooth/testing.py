@@ -1,0 +1,34 @@
+"""Tiny offline DreamBooth pipelines and the speed script's set-up (test support)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bf_core.extras import PipelineSetup, SpeedSetup
+from bf_core.testing.tiny import add_tiny_lora, tiny_sdxl_pipeline
+
+SCENE_PROMPT = "a person is kneeling by a small lake, touching the water"
+ID_PROMPT = "a photo of sks person"
+
+
+def tiny_setup(seed: int = 0) -> PipelineSetup:
+    """A tiny offline SDXL pipeline with a random identity LoRA, and its trigger prompt."""
+    pipe = tiny_sdxl_pipeline(seed=seed)
+    add_tiny_lora(pipe, adapter_name="identity", seed=seed)
+    return PipelineSetup(pipe, identity={"id_prompt": ID_PROMPT})
+
+
+def speed_setup(pipe: Any, real: bool, resolution: int, seed: int = 0,
+                lora_rank: int = 64) -> SpeedSetup:
+    """A random rank-``lora_rank`` character LoRA on the UNet's attention projections; the
+    stock pipeline's own call is the baseline."""
+    import torch
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=False,
+                            target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        pipe.unet.add_adapter(config, adapter_name="identity")
+    pipe.unet.to(dtype=pipe.unet.dtype)
+    return SpeedSetup(pipe, {"id_prompt": ID_PROMPT}, stock_is_pipeline=True)

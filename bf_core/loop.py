@@ -1,0 +1,314 @@
+"""The one denoising loop of the project: a list of lines, fused by IdAF, over any host.
+
+The lines are the semantic line (the scene prompt; the baseline line with the method off)
+and one ID line per person. Per step ``i``:
+
+1. every active line's rows are evaluated, in one merged model call where the backend can
+   switch its machinery per row, else one call per line; ID lines are active at ``i > M1``
+   only, and the semantic line carries the IdAP tokens at ``i > M2``;
+2. each line's prediction is guided (CFG); with ID lines active, IdAF fuses them;
+3. the host's scheduler takes one step on the result.
+
+The loop knows lines, not base models or identity methods: the host (``bf_core.hosts``)
+owns the model call, guidance, the scheduler and decoding, and the backend session owns
+each line's conditioning and machinery.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bf_core.aggregation import (
+    idap_aggregate,
+    idap_prepend,
+    idap_query,
+    idap_selection,
+    load_idap_query,
+)
+from bf_core.config import BFConfig, IdAFConfig
+from bf_core.errors import ConfigError
+from bf_core.fusion import cfg_delta_saliency, fuse_lines
+from bf_core.hosts import HostCall, LineInputs, RowBatchLike, Step
+from bf_core.protocols import BackendSession
+from bf_core.records import (
+    Identity,
+    Line,
+    LineConditioning,
+    LoopRecord,
+    Person,
+    SemanticPreview,
+)
+
+
+@dataclass(frozen=True)
+class NegativeSharing:
+    """Whether an ID line reuses the semantic line's negative rows, before and after IdAP."""
+
+    before_idap: bool = False
+    after_idap: bool = False
+
+
+@dataclass
+class PlannedLine:
+    """One line of the call, with its conditioning fixed before the first step.
+
+    inputs: the host's CFG-stacked model inputs; inputs_with_idap: the semantic line's with
+    the IdAP tokens prepended (None when IdAP is off); after_step: the line runs at steps
+    ``i > after_step`` (-1: every step); negative: the ID lines' negative sharing.
+    """
+
+    line: Line
+    inputs: LineInputs
+    inputs_with_idap: LineInputs | None = None
+    after_step: int = -1
+    negative: NegativeSharing = NegativeSharing()
+
+
+@dataclass
+class LinePlan:
+    """Every line of the call, semantic line first, and the thresholds M1 and M2."""
+
+    lines: list[PlannedLine]
+    idaf_start: int = 0
+    idap_start: int = 0
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def semantic(self) -> PlannedLine:
+        return self.lines[0]
+
+    @property
+    def has_id_lines(self) -> bool:
+        return len(self.lines) > 1
+
+    def idap_on(self, i: int) -> bool:
+        return self.semantic.inputs_with_idap is not None and i > self.idap_start
+
+
+@dataclass(frozen=True)
+class ActiveLine:
+    """A line as it runs at one step: its inputs then, and whether it reuses the semantic
+    line's negative rows (then only its positive rows are evaluated)."""
+
+    line: Line
+    inputs: LineInputs
+    shares_negative: bool = False
+
+
+@dataclass
+class Guided:
+    """A line's predictions at one step: the guided one, and the CFG branches it came from
+    (``uncond`` is None without CFG)."""
+
+    noise: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+
+
+# -- IdAP ---------------------------------------------------------------------------------------
+def match_rows(tokens: torch.Tensor, rows: int, num_images_per_prompt: int, what: str) -> torch.Tensor:
+    """Broadcast (B_id, N, D) identity tokens to the R = B * n rows of the batch."""
+    if tokens.shape[0] == rows:
+        return tokens
+    if tokens.shape[0] == 1:
+        return tokens.expand(rows, *tokens.shape[1:])
+    if tokens.shape[0] * num_images_per_prompt == rows:
+        return tokens.repeat_interleave(num_images_per_prompt, dim=0)
+    raise ConfigError(f"{what} has batch {tokens.shape[0]}; expected 1, the number of prompts, "
+                      f"or {rows} (prompts x images per prompt)")
+
+
+def idap_conditioning(cond: LineConditioning, identity: Identity, config: BFConfig,
+                      rows: int, num_images_per_prompt: int) -> tuple[LineConditioning, torch.Tensor]:
+    """The semantic line's conditioning with the K aggregated ID tokens prepended (eq. 12).
+
+    Returns the new conditioning and the IdAP token selection (R, K) for diagnostics.
+    """
+    idap = config.idap
+    dim = identity.tokens.shape[-1]
+    if dim != cond.prompt_embeds.shape[-1]:
+        raise ConfigError(f"IdAP: the backend's ID tokens have width D={dim} but the scene prompt's "
+                          f"tokens have D={cond.prompt_embeds.shape[-1]}; T_id must live in the "
+                          "model's text-token space")
+    query = (load_idap_query(idap.query_file, idap.num_tokens, dim) if idap.query_file
+             else idap_query(idap.num_tokens, dim, idap.seed))
+    t_id = match_rows(identity.tokens, rows, num_images_per_prompt, "Identity.tokens")
+    positive = idap_prepend(idap_aggregate(t_id, query, idap.temperature), cond.prompt_embeds)
+    negative = None
+    if cond.negative_prompt_embeds is not None:
+        negative = idap_prepend(idap_negative_tokens(identity, query, config, rows,
+                                                     num_images_per_prompt, positive),
+                                cond.negative_prompt_embeds)
+    selection = idap_selection(t_id, query, idap.temperature)
+    return LineConditioning(positive, cond.pooled, negative, cond.negative_pooled), selection
+
+
+def idap_negative_tokens(identity: Identity, query: torch.Tensor, config: BFConfig, rows: int,
+                         num_images_per_prompt: int, positive: torch.Tensor) -> torch.Tensor:
+    """The K tokens the negative branch gets: the aggregation of the ID line's negative
+    tokens (``"aggregate"``) or zeros."""
+    idap = config.idap
+    if idap.negative == "aggregate" and identity.negative_tokens is not None:
+        t_neg = match_rows(identity.negative_tokens, rows, num_images_per_prompt,
+                           "Identity.negative_tokens")
+        return idap_aggregate(t_neg, query, idap.temperature)
+    if idap.negative == "aggregate":
+        warnings.warn("the backend gave no negative ID tokens; IdAP pads the negative "
+                      "branch with K zero tokens", stacklevel=4)
+    return torch.zeros_like(positive[:, : idap.num_tokens])
+
+
+# -- the plan -----------------------------------------------------------------------------------
+def plan_lines(host: HostCall, session: BackendSession, identities: Sequence[Identity],
+               config: BFConfig) -> LinePlan:
+    """Every line's model inputs, fixed once: the semantic line (with its IdAP variant) and
+    one ID line per person, and which negatives may be shared."""
+    semantic_line = Line.SEMANTIC if config.enabled else Line.BASELINE
+    semantic_cond = session.conditioning(semantic_line, identities[0])
+    num_steps = host.prepare(semantic_cond)
+    plan = LinePlan([PlannedLine(semantic_line, host.line_inputs(semantic_cond))])
+    if not config.enabled:
+        return plan
+    plan.idaf_start, plan.idap_start = config.thresholds(num_steps)
+    plan.diagnostics.update(idaf_start=plan.idaf_start, idap_start=plan.idap_start)
+    if config.use_idap:
+        request = host.request
+        with_idap, selection = idap_conditioning(semantic_cond, identities[0], config,
+                                                 request.num_rows, request.num_images_per_prompt)
+        plan.semantic.inputs_with_idap = host.line_inputs(with_idap)
+        plan.diagnostics["idap_selection"] = selection.cpu()
+    if config.use_idaf:
+        shareable = (config.share_negative and host.request.do_cfg
+                     and session.negative_shareable())
+        for identity in identities:
+            plan.lines.append(id_line(host, session, plan, identity, shareable))
+    return plan
+
+
+def id_line(host: HostCall, session: BackendSession, plan: LinePlan, identity: Identity,
+            shareable: bool) -> PlannedLine:
+    """One person's ID line, running at steps i > M1."""
+    inputs = host.line_inputs(session.conditioning(Line.ID, identity))
+    semantic = plan.semantic
+    negative = NegativeSharing(
+        before_idap=shareable and host.same_negative(semantic.inputs, inputs),
+        after_idap=(shareable and semantic.inputs_with_idap is not None
+                    and host.same_negative(semantic.inputs_with_idap, inputs)))
+    return PlannedLine(Line.ID, inputs, after_step=plan.idaf_start, negative=negative)
+
+
+def active_lines(plan: LinePlan, i: int, cfg: bool) -> list[ActiveLine]:
+    """The lines that run at step ``i``, semantic line first."""
+    idap_on = plan.idap_on(i)
+    semantic = plan.semantic
+    active = [ActiveLine(semantic.line,
+                         semantic.inputs_with_idap if idap_on else semantic.inputs)]
+    for planned in plan.lines[1:]:
+        if i > planned.after_step:
+            shares = cfg and (planned.negative.after_idap if idap_on
+                              else planned.negative.before_idap)
+            active.append(ActiveLine(planned.line, planned.inputs, shares))
+    return active
+
+
+# -- one step -----------------------------------------------------------------------------------
+def evaluate(host: HostCall, session: BackendSession, batches: list[RowBatchLike],
+             batch_lines: bool) -> tuple[list[torch.Tensor], int]:
+    """Each batch's raw model output, and the number of model calls that made them: one
+    merged, row-masked call when the backend can switch its machinery per row."""
+    if batch_lines and len(batches) > 1:
+        merged = host.merge(batches)
+        if session.supports_row_batching(merged):
+            return host.split(session.predict(merged, host.model), merged), 1
+    return [session.predict(batch, host.model) for batch in batches], len(batches)
+
+
+def guide_lines(host: HostCall, lines: Sequence[ActiveLine], outputs: Sequence[torch.Tensor],
+                cfg: bool) -> list[Guided]:
+    """Every line's guided prediction; a line sharing the negative uses the semantic one's."""
+    guided: list[Guided] = []
+    for active, output in zip(lines, outputs, strict=True):
+        if active.shares_negative:
+            uncond, cond = guided[0].uncond, output
+        else:
+            uncond, cond = host.cfg_branches(output, cfg)
+        guided.append(Guided(host.guide(cond, uncond), cond, uncond))
+    return guided
+
+
+def fuse(host: HostCall, config: IdAFConfig, guided: Sequence[Guided]
+         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's noise: the semantic line's, fused by IdAF with the ID lines' when they run.
+    Returns (noise, winner), winner (N, 1, H, W) int64 (0 semantic) or None."""
+    if len(guided) == 1:
+        return guided[0].noise, None
+    layout = host.fusion_layout
+    saliency: dict[str, Any] = {}
+    if config.saliency == "cfg_delta":
+        scale, reference = host.guidance_scale, guided[0].uncond
+        deltas = [layout(cfg_delta_saliency(g.cond, reference, scale)) for g in guided]
+        saliency = {"saliency_sem": deltas[0], "saliency_ids": deltas[1:]}
+    fused, winner = fuse_lines(layout(guided[0].noise), [layout(g.noise) for g in guided[1:]],
+                               config, **saliency)
+    return host.from_fusion_layout(fused), winner
+
+
+def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFConfig,
+               step: Step, latents: torch.Tensor, record: LoopRecord) -> torch.Tensor:
+    """Evaluate, guide and fuse the lines active at ``step``."""
+    cfg = host.cfg_active()  # a callback may switch CFG off mid-run
+    lines = active_lines(plan, step.index, cfg)
+    sample = host.model_input(latents, step, cfg)
+    batches = [host.rows(active.line, active.inputs, sample, step, cfg,
+                         shares_negative=active.shares_negative) for active in lines]
+    outputs, calls = evaluate(host, session, batches, config.batch_lines)
+    record.diagnostics["model_calls"] += calls
+    record.diagnostics["model_rows"] += sum(batch.rows for batch in batches)
+    guided = guide_lines(host, lines, outputs, cfg)
+    noise, winner = fuse(host, config.idaf, guided)
+    if winner is not None and record.keep_maps:
+        record.fusion_maps.append((winner > 0).cpu())
+        record.fusion_steps.append(step.index)
+    if plan.has_id_lines and step.index == plan.idaf_start:
+        semantic_rows = batches[0]
+        session.observe_preview(SemanticPreview(
+            step.index, lambda: host.x0_estimate(semantic_rows, noise), host.preview_images))
+    return noise
+
+
+def denoise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFConfig,
+            record: LoopRecord) -> torch.Tensor:
+    """The loop over the host's steps; returns the final latents."""
+    latents = host.initial_latents()
+    with host.progress() as progress:
+        for step in host.steps():
+            if host.interrupted():
+                continue
+            noise = step_noise(host, session, plan, config, step, latents, record)
+            latents = host.scheduler_step(noise, step, latents)
+            latents = host.end_of_step(step, latents, progress)
+    return latents
+
+
+def run(host: HostCall, session: BackendSession, config: BFConfig, people: Sequence[Person],
+        keep_maps: bool = False) -> tuple[torch.Tensor, LoopRecord]:
+    """One wrapped generation: the session opens (registering its restores), encodes each
+    person, the lines are planned and denoised. Returns the final latents and the record;
+    every piece of pipeline state the session touched is back when it returns or raises."""
+    record = LoopRecord(keep_maps, diagnostics={"enabled": config.enabled, "model_calls": 0,
+                                                "model_rows": 0})
+    with ExitStack() as restore:
+        session.open(restore)
+        identities = [session.encoder.encode(person) for person in people]
+        plan = plan_lines(host, session, identities, config)
+        record.diagnostics.update(plan.diagnostics)
+        latents = denoise(host, session, plan, config, record)
+    if keep_maps:
+        record.diagnostics["fusion_steps"] = record.fusion_steps
+    return latents, record

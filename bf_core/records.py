@@ -1,0 +1,169 @@
+"""The data that passes between the loop, the host and the backends in one call.
+
+Plain records, no behaviour beyond small derived properties: the kinds of lines and CFG
+branches, what the caller gives about a person, what an identity encoder returns, a line's
+text conditioning, the request in the pipeline's terms, the semantic line's preview, and
+what the loop reports to the host at the end.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils import BaseOutput
+
+
+class Line(str, enum.Enum):
+    """The kind of a line, i.e. of the model rows it owns."""
+
+    ID = "id"  # identity machinery on, the person's placeholder prompt P_id
+    SEMANTIC = "semantic"  # the user's scene prompt, identity machinery off by default
+    BASELINE = "baseline"  # method off: the backend's stock single-line algorithm
+
+
+class Branch(str, enum.Enum):
+    """A classifier-free-guidance branch. A line's rows are blocked negative first."""
+
+    UNCOND = "uncond"
+    COND = "cond"
+
+
+#: The rows of a line under CFG, and without it (or with the negative shared).
+BOTH_BRANCHES = (Branch.UNCOND, Branch.COND)
+POSITIVE_ONLY = (Branch.COND,)
+
+
+@dataclass(frozen=True)
+class Person:
+    """What the caller gives about one person: reference images and/or a placeholder prompt.
+
+    id_images: reference photos (paths, PIL images or arrays), or None for methods whose
+        identity lives in a prompt trigger or in backend options.
+    id_prompt: the person's placeholder prompt P_id; None takes the backend's default.
+    """
+
+    id_images: Sequence[Any] | None = None
+    id_prompt: str | None = None
+
+
+@dataclass
+class Identity:
+    """What an ``IdentityEncoder`` returns for one person.
+
+    id_prompt: the P_id in use (the caller's, else the backend's default).
+    tokens: T_id, (B_id, N, D) identity tokens in the model's text-token space (D = 2048
+        for SDXL); B_id is 1 (one identity for the whole batch) or the number of rows.
+    negative_tokens: the ID line's negative counterpart of ``tokens`` (same shape) for the
+        IdAP ``"aggregate"`` negative policy, or None.
+    state: backend-private data its lines need (face embeddings, keypoints, ...).
+    """
+
+    id_prompt: str
+    tokens: torch.Tensor
+    negative_tokens: torch.Tensor | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LineConditioning:
+    """One line's text conditioning, before CFG stacking.
+
+    prompt_embeds / negative_prompt_embeds: (R, L, D), R = prompts x images per prompt.
+    pooled / negative_pooled: (R, P). Negatives are None when CFG is off.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """What the caller asked for, in the pipeline's terms; identity inputs are ``Person``s."""
+
+    prompt: str | list[str] | None
+    prompt_2: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None
+    negative_prompt_2: str | list[str] | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    batch_size: int = 1
+    num_images_per_prompt: int = 1
+    height: int = 1024
+    width: int = 1024
+    do_cfg: bool = True
+    clip_skip: int | None = None
+    lora_scale: float | None = None
+    device: torch.device | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        """Images generated: batch_size * num_images_per_prompt."""
+        return self.batch_size * self.num_images_per_prompt
+
+
+class SemanticPreview:
+    """The semantic line's clean-latent estimate at step M1, the last step before any ID
+    line runs; what placement decisions (InstantID's ``kps="auto"``) look at.
+
+    Nothing is computed until asked: ``x0()`` gives the (R, C, H, W) estimate in the host's
+    fusion layout, or None when the scheduler gives none, and ``images()`` decodes it once
+    to PIL images. So a call whose backend places nothing pays nothing for it.
+    """
+
+    def __init__(self, step: int, estimate: Callable[[], torch.Tensor | None],
+                 decode: Callable[[torch.Tensor], list[Any]]):
+        self.step = step
+        self._estimate, self._decode = estimate, decode
+        self._x0: torch.Tensor | None = None
+        self._images: list[Any] | None = None
+        self._estimated = False
+
+    def x0(self) -> torch.Tensor | None:
+        if not self._estimated:
+            self._x0, self._estimated = self._estimate(), True
+        return self._x0
+
+    def images(self) -> list[Any] | None:
+        if self._images is None and self.x0() is not None:
+            self._images = self._decode(self._x0)
+        return self._images
+
+
+@dataclass
+class LoopRecord:
+    """What the loop reports: decision maps per fused step, model-call counts, settings.
+
+    fusion_maps: with ``keep_maps``, one bool (N, 1, h, w) map per fused step of where an
+    ID line won; fusion_steps: their step indices.
+    """
+
+    keep_maps: bool
+    fusion_maps: list[torch.Tensor] = field(default_factory=list)
+    fusion_steps: list[int] = field(default_factory=list)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BeyondFacialPipelineOutput(BaseOutput):
+    """Output of a wrapped call.
+
+    images: as the stock pipeline returns them (PIL list, numpy, torch or latents).
+    fusion_maps: with ``return_fusion_maps=True``, a bool tensor (S, N, 1, h, w) of where the
+        ID line won at each of the S fused steps (latent resolution), else None.
+    fusion_steps: the step indices of ``fusion_maps``.
+    diagnostics: backend, thresholds, model-call counts, IdAP token selections.
+    """
+
+    images: Any
+    fusion_maps: torch.Tensor | None = None
+    fusion_steps: list[int] | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
