@@ -8,8 +8,8 @@ in float16, like the published files.
 ``tiny_pipeline`` builds the tiny SDXL pipeline with PuLID attached and a complete face
 pipeline: a random-weight insightface ``antelopev2`` pack (real insightface code), a tiny
 random face parser, and a tiny vision tower with EVA's block layout read through the real
-``EVAFeatures`` hooks (timm's EVA02 at test size, ``tiny_eva_args``, is exercised where
-timm is installed).
+``EVAFeatures`` hooks (timm's EVA02 at test size is exercised by the tests where timm is
+installed).
 
 ``tiny_setup`` (the demo's pipeline) and ``speed_setup`` (the speed script's) reach the CLI
 and the benchmark through the backend's extras.
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from bf_backends.pulid.attention import pulid_attention_shapes
-from bf_backends.pulid.eva import eva02_clip_l_336_args
 from bf_backends.pulid.features import FaceFeatures
 from bf_backends.pulid.loader import (
     ATTENTION_PREFIX,
@@ -182,7 +181,7 @@ def tiny_face_features(seed: int = 0, vision: nn.Module | None = None):
     """The complete PuLID face pipeline with tiny random models (offline, fast).
 
     vision: an ``EVAFeatures`` to use instead of the tiny stand-in tower (e.g. timm's
-    EVA02 built with ``tiny_eva_args``).
+    EVA02 at test size, as tests/unit/test_pulid_eva_timm.py builds it).
     """
     from bf_backends.pulid.eva import EVAFeatures
     from bf_backends.pulid.features import PuLIDFaceFeatures
@@ -223,16 +222,6 @@ def tiny_pipeline(version: str = "v1.1", seed: int = 0, *, mode: str = "fidelity
     attach_pulid(pipe, state_dict, features or tiny_face_features(seed), version=version,
                  encoder_config=encoder_config, mode=mode, id_scale=id_scale)
     return pipe
-
-
-def tiny_eva_args(embed_dim: int = 16, num_classes: int = 16) -> dict[str, Any]:
-    """timm's EVA02-CLIP-L-14-336 architecture at test size: 28 px (2 x 2 patches + CLS =
-    5 tokens), 20 blocks.
-
-    20 blocks keep PuLID's block indices 3..19 valid; only widths and the image shrink.
-    """
-    return {**eva02_clip_l_336_args(), "img_size": 28, "embed_dim": embed_dim,
-            "num_heads": 2, "num_classes": num_classes, "depth": 20}
 
 
 def tiny_setup(seed: int = 0) -> PipelineSetup:

@@ -37,12 +37,21 @@ from bf_backends.pulid.features import (  # noqa: E402
     whitened_grey_face,
 )
 from bf_backends.pulid.modules import IDEncoder, IDEncoderConfig  # noqa: E402
-from bf_backends.pulid.testing import tiny_eva_args  # noqa: E402
 
 # The spec's rename table between the original EVA-CLIP keys and timm's (docs/backends/pulid.md).
 TIMM_TO_ORIGINAL = (("attn.norm.", "attn.inner_attn_ln."), ("mlp.norm.", "mlp.ffn_ln."),
                     ("mlp.fc1_g.", "mlp.w1."), ("mlp.fc1_x.", "mlp.w2."), ("mlp.fc2.", "mlp.w3."),
                     ("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias"))
+
+
+def tiny_eva_args(embed_dim: int = 16, num_classes: int = 16) -> dict:
+    """timm's EVA02-CLIP-L-14-336 architecture at test size: 28 px (2 x 2 patches + CLS =
+    5 tokens), 20 blocks.
+
+    20 blocks keep PuLID's block indices 3..19 valid; only widths and the image shrink.
+    """
+    return {**eva02_clip_l_336_args(), "img_size": 28, "embed_dim": embed_dim,
+            "num_heads": 2, "num_classes": num_classes, "depth": 20}
 
 
 def _tiny_tower(seed: int = 0):
