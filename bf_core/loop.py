@@ -33,6 +33,7 @@ from bf_core.aggregation import (
 )
 from bf_core.config import BFConfig, IdAFConfig
 from bf_core.errors import ConfigError
+from bf_core.finite import FiniteWatch
 from bf_core.fusion import cfg_delta_saliency, fuse_lines
 from bf_core.hosts import HostCall, LineInputs, RowBatchLike, Step
 from bf_core.protocols import BackendSession
@@ -87,6 +88,14 @@ class LinePlan:
     def has_id_lines(self) -> bool:
         return len(self.lines) > 1
 
+    @property
+    def line_names(self) -> list[str]:
+        """How each line is named in messages: "semantic line", "ID line" (2, 3 ... when
+        there are several)."""
+        ids = len(self.lines) - 1
+        return [f"{self.semantic.line.value} line"] + [
+            "ID line" if ids == 1 else f"ID line {j}" for j in range(1, ids + 1)]
+
     def idap_on(self, i: int) -> bool:
         return self.semantic.inputs_with_idap is not None and i > self.idap_start
 
@@ -99,6 +108,7 @@ class ActiveLine:
     line: Line
     inputs: LineInputs
     shares_negative: bool = False
+    index: int = 0  # its place in the plan's lines
 
 
 @dataclass
@@ -209,11 +219,11 @@ def active_lines(plan: LinePlan, i: int, cfg: bool) -> list[ActiveLine]:
     semantic = plan.semantic
     active = [ActiveLine(semantic.line,
                          semantic.inputs_with_idap if idap_on else semantic.inputs)]
-    for planned in plan.lines[1:]:
+    for index, planned in enumerate(plan.lines[1:], start=1):
         if i > planned.after_step:
             shares = cfg and (planned.negative.after_idap if idap_on
                               else planned.negative.before_idap)
-            active.append(ActiveLine(planned.line, planned.inputs, shares))
+            active.append(ActiveLine(planned.line, planned.inputs, shares, index))
     return active
 
 
@@ -260,8 +270,10 @@ def fuse(host: HostCall, config: IdAFConfig, guided: Sequence[Guided]
 
 
 def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFConfig,
-               step: Step, latents: torch.Tensor, record: LoopRecord) -> torch.Tensor:
-    """Evaluate, guide and fuse the lines active at ``step``."""
+               step: Step, latents: torch.Tensor, record: LoopRecord,
+               watch: FiniteWatch) -> torch.Tensor:
+    """Evaluate, guide and fuse the lines active at ``step``; every line's guided prediction
+    goes to the finiteness watch."""
     cfg = host.cfg_active()  # a callback may switch CFG off mid-run
     lines = active_lines(plan, step.index, cfg)
     sample = host.model_input(latents, step, cfg)
@@ -271,6 +283,8 @@ def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: 
     record.diagnostics["model_calls"] += calls
     record.diagnostics["model_rows"] += sum(batch.rows for batch in batches)
     guided = guide_lines(host, lines, outputs, cfg)
+    for active, prediction in zip(lines, guided, strict=True):
+        watch.observe(step.index, active.index, prediction.noise)
     noise, winner = fuse(host, config.idaf, guided)
     if winner is not None and record.keep_maps:
         record.fusion_maps.append((winner > 0).cpu())
@@ -284,15 +298,20 @@ def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: 
 
 def denoise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFConfig,
             record: LoopRecord) -> torch.Tensor:
-    """The loop over the host's steps; returns the final latents."""
+    """The loop over the host's steps; returns the final latents, checked for finiteness."""
     latents = host.initial_latents()
+    watch = FiniteWatch(plan.line_names)
+    last = -1
     with host.progress() as progress:
         for step in host.steps():
             if host.interrupted():
                 continue
-            noise = step_noise(host, session, plan, config, step, latents, record)
+            noise = step_noise(host, session, plan, config, step, latents, record, watch)
             latents = host.scheduler_step(noise, step, latents)
             latents = host.end_of_step(step, latents, progress)
+            watch.check(step.index)
+            last = step.index
+    watch.finish(last, latents)
     return latents
 
 

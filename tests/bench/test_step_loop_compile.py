@@ -128,9 +128,10 @@ def test_step_loop_never_reads_tensor_values_on_the_host(name):
     # Between the first UNet call and the last, nothing of ours may wait for the device.
     in_loop = [(call, where) for call, where in recorder.reads if 0 < call < total]
     assert in_loop == [], f"host reads inside the step loop (UNet call index, site): {in_loop}"
-    # The recorder sees our reads: the NaN check on the final latents, once, after the loop.
+    # The recorder sees our reads: the NaN check of the lines and the final latents, once,
+    # after the loop.
     after = [where for call, where in recorder.reads if call == total]
-    assert len(after) == 1 and "sdxl.py" in after[0], after
+    assert len(after) == 1 and "finite.py" in after[0], after
 
 
 def test_host_read_recorder_catches_a_read_planted_in_the_loop(monkeypatch):
