@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="beyondfacial",
         description="Identity-preserving SDXL generation of whole people in whole scenes "
                     "(Dual-Line Inference with IdAF and IdAP).")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library's messages, and the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     sub.add_parser("backends", help="list installed backends, hosts and plugins as JSON"
@@ -367,23 +369,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "bench":
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    if getattr(args, "seed", None) is None and args.command == "generate":
-        args.seed = [0]
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. the torchvision fallback notice
+VERBOSE_HINT = "run it again with --verbose to see the traceback"
+
+
+def report_error(exc: BaseException) -> int:
+    """One readable line (and a hint) for any exception; exit status 2 for ours, 1 else."""
     from bf_core.errors import BeyondFacialError
 
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    ours = isinstance(exc, BeyondFacialError)
+    kind = "" if ours else f"{type(exc).__name__}: "
+    print(f"error: {kind}{message}\n({VERBOSE_HINT})", file=sys.stderr)
+    return 2 if ours else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]
+    if not verbose:
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. the torchvision notice
     try:
+        if argv and argv[0] == "bench":
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        if getattr(args, "seed", None) is None and args.command == "generate":
+            args.seed = [0]
         return args.func(args)
-    except BeyondFacialError as exc:  # our errors say what to do: no traceback needed
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if verbose:
+            raise
+        return report_error(exc)
 
 
 if __name__ == "__main__":

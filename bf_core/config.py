@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,10 +23,28 @@ NEGATIVE_POLICIES = ("aggregate", "zeros")
 SEMANTIC_ADAPTER_POLICIES = ("off", "on")
 
 
-def _require_positive(name: str, value) -> None:
+#: Upper bounds that keep every setting meaningful. A lambda times a saliency must stay far
+#: from float32 overflow; K prepended tokens beyond a few hundred only dilute the prompt; a
+#: box kernel wider than any latent only averages padding.
+MAX_LAMBDA = 1e4
+TEMPERATURE_RANGE = (1e-3, 1e3)
+MAX_IDAP_TOKENS = 256
+MAX_SMOOTH_KERNEL = 128
+MAX_SEED = 2**63 - 1
+
+
+def _require_positive(name: str, value, upper: float = MAX_LAMBDA, lower: float = 0.0) -> None:
+    """A finite real number in (lower, upper] (``lower`` itself allowed when it is > 0)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+            or value <= 0 or value < lower or value > upper:
+        bounds = f"<= {upper:g}" if lower == 0.0 else f"in [{lower:g}, {upper:g}]"
+        raise ConfigError(f"{name} must be a finite number > 0 and {bounds}, got {value!r}")
+
+
+def _require_int(name: str, value, lowest: int, highest: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not lowest <= value <= highest:
+        raise ConfigError(f"{name} must be an int >= {lowest} and <= {highest}, got {value!r}")
 
 
 def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -55,11 +74,11 @@ class IdAFConfig:
     """Identity Adaptive Fusion (paper eq. 6-10).
 
     lambda_id, lambda_sem: softmax inverse temperatures (``"temperature"``) or output
-        weights (``"weight"``) of the ID and semantic lines; paper: 5 and 1.
+        weights (``"weight"``) of the ID and semantic lines; paper: 5 and 1; in (0, 1e4].
     lambda_mode: where lambda acts, see docs/method.md for why both readings exist.
     smoothing: ``"avgpool"`` (box average of ``smooth_kernel`` then bilinear back up),
         ``"downup"`` (bilinear down by ``smooth_kernel`` then back up) or ``"none"``.
-    smooth_kernel: box size or down factor; 4 as in the reference code.
+    smooth_kernel: box size or down factor; 4 as in the reference code; 1 to 128.
     saliency: ``"guided"`` (|guided noise|, the paper) or ``"cfg_delta"``
         (|s * (eps_cond - eps_uncond_sem)|, the MagicFusion reading).
     """
@@ -77,18 +96,17 @@ class IdAFConfig:
         _require_choice("IdAFConfig.lambda_mode", self.lambda_mode, LAMBDA_MODES)
         _require_choice("IdAFConfig.smoothing", self.smoothing, SMOOTHINGS)
         _require_choice("IdAFConfig.saliency", self.saliency, SALIENCIES)
-        if isinstance(self.smooth_kernel, bool) or not isinstance(self.smooth_kernel, numbers.Integral) \
-                or self.smooth_kernel < 1:
-            raise ConfigError(f"IdAFConfig.smooth_kernel must be an int >= 1, got {self.smooth_kernel!r}")
+        _require_int("IdAFConfig.smooth_kernel", self.smooth_kernel, 1, MAX_SMOOTH_KERNEL)
 
 
 @dataclass(frozen=True)
 class IdAPConfig:
     """Identity Aggregation Prepending (paper eq. 11-12).
 
-    num_tokens: K, the number of aggregated ID tokens prepended to the scene prompt (paper: 8).
+    num_tokens: K, the number of aggregated ID tokens prepended to the scene prompt (paper: 8;
+        1 to 256).
     seed: seed of the CPU generator that draws the fixed query Q ~ N(0, 1), shape (K, D).
-    temperature: ``None`` (eq. 11 as written, unscaled), a float > 0 dividing the logits,
+    temperature: ``None`` (eq. 11 as written, unscaled), a float in [1e-3, 1e3] dividing the logits,
         or ``"sqrt_d"`` for sqrt(D).
     negative: how the negative branch gets K tokens too: ``"aggregate"`` (the same
         aggregation of the ID line's negative tokens) or ``"zeros"``.
@@ -103,14 +121,16 @@ class IdAPConfig:
     query_file: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, numbers.Integral) \
-                or self.num_tokens < 1:
-            raise ConfigError(f"IdAPConfig.num_tokens (K) must be an int >= 1, got {self.num_tokens!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise ConfigError(f"IdAPConfig.seed must be an int >= 0, got {self.seed!r}")
+        _require_int("IdAPConfig.num_tokens (K)", self.num_tokens, 1, MAX_IDAP_TOKENS)
+        _require_int("IdAPConfig.seed", self.seed, 0, MAX_SEED)
         if self.temperature is not None and self.temperature != "sqrt_d":
-            _require_positive("IdAPConfig.temperature (or None, or 'sqrt_d')", self.temperature)
+            low, high = TEMPERATURE_RANGE
+            _require_positive("IdAPConfig.temperature (or None, or 'sqrt_d')", self.temperature,
+                              upper=high, lower=low)
         _require_choice("IdAPConfig.negative", self.negative, NEGATIVE_POLICIES)
+        if self.query_file is not None and not isinstance(self.query_file, (str, os.PathLike)):
+            raise ConfigError(f"IdAPConfig.query_file must be a path (str or os.PathLike) of a "
+                              f"safetensors file, or None; got {self.query_file!r}")
 
 
 @dataclass(frozen=True)

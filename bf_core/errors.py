@@ -49,3 +49,11 @@ class MissingDependencyError(BeyondFacialError, ImportError):
 
 class NonFiniteError(BeyondFacialError, FloatingPointError):
     """A tensor that must be finite holds NaN or infinity."""
+
+
+class ConcurrentCallError(BeyondFacialError, RuntimeError):
+    """A call was refused because another call is running on the same pipeline."""
+
+
+class DeviceOutOfMemoryError(BeyondFacialError, MemoryError):
+    """The device ran out of memory inside a call; the message says what to lower."""

@@ -59,11 +59,17 @@ def load_image(image: Any, *, index: int | None = None) -> Image.Image:
     )
 
 
+#: The smallest side of a reference photo: below it no face can be seen, and the encoders
+#: (224 px CLIP, 112 px ArcFace crops) would only upsample noise.
+MIN_REFERENCE_SIDE = 32
+
+
 def load_images(images: Any) -> list[Image.Image]:
-    """Return one image or a list/tuple of images as a list of RGB PIL images.
+    """Return one reference image or a list/tuple of them as a list of RGB PIL images.
 
     A single image (any kind ``load_image`` accepts) gives a list of one. An empty list
-    is an error: every identity needs at least one reference image.
+    is an error: every identity needs at least one reference image; so is an image whose
+    shorter side is below ``MIN_REFERENCE_SIDE`` pixels.
     """
     if isinstance(images, (list, tuple)):
         if not images:
@@ -71,8 +77,17 @@ def load_images(images: Any) -> list[Image.Image]:
                 "no reference images were given (an empty list). Pass at least one "
                 f"image: {ACCEPTED}."
             )
-        return [load_image(item, index=i) for i, item in enumerate(images)]
-    return [load_image(images, index=0)]
+        items = list(enumerate(images))
+    else:
+        items = [(0, images)]
+    loaded = [load_image(item, index=i) for i, item in items]
+    for index, image in enumerate(loaded):
+        if min(image.size) < MIN_REFERENCE_SIDE:
+            raise ImageInputError(
+                f"{_describe(index, None)} is {image.width} x {image.height} pixels; a reference "
+                f"photo needs at least {MIN_REFERENCE_SIDE} pixels on its shorter side (a "
+                "face of 100 pixels or more works best).")
+    return loaded
 
 
 def _describe(index: int | None, path: Path | None) -> str:

@@ -4,15 +4,92 @@ The wrapper changes nothing on the pipeline when it is created. Each call opens 
 call (the base model's side) and a backend session, which switches adapters and
 processors per line and registers their restore; all of it is put back when the call
 returns or raises, so ``wrapper.pipe`` is always the user's pipeline, as it was.
+
+A call switches state on the pipeline itself, so two calls on one pipeline at the same
+time would see each other's switches. Calls are therefore serialised per pipeline: one
+lock is shared by every wrapper of that pipeline (``with_config`` copies, wrapping it
+again), and a second thread waits for the first (``concurrency="wait"``, the default) or
+is refused with ``ConcurrentCallError`` (``concurrency="refuse"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import threading
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bf_core.config import BFConfig
-from bf_core.errors import ConfigError, UnsupportedPipelineError
+from bf_core.errors import (
+    ConcurrentCallError,
+    ConfigError,
+    DeviceOutOfMemoryError,
+    UnsupportedPipelineError,
+)
+
+CONCURRENCY_POLICIES = ("wait", "refuse")
+#: the keywords of the method itself, beside the pipeline's and the backend's own
+METHOD_KEYWORDS = ("config", "id_images", "id_prompt", "return_fusion_maps")
+
+class PipelineLock:
+    """One pipeline's call lock, which knows the thread holding it: a call made from inside
+    a running call on the same pipeline (a callback, say) is refused, not deadlocked."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def acquire(self, wait: bool, pipe: Any) -> None:
+        if self.owner == threading.get_ident():
+            raise ConcurrentCallError(
+                f"this {type(pipe).__name__} was called again from inside a running call on it "
+                "(a callback?); one call at a time per pipeline.")
+        if not self._lock.acquire(blocking=wait):
+            raise ConcurrentCallError(
+                f"another call is running on this {type(pipe).__name__}; calls on one pipeline "
+                "run one at a time (wrap(pipe, concurrency='wait') queues them).")
+        self.owner = threading.get_ident()
+
+    def release(self) -> None:
+        self.owner = None
+        self._lock.release()
+
+
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_by_id: dict[int, PipelineLock] = {}  # pipelines that cannot be weakly referenced
+_locks_guard = threading.Lock()
+
+
+def pipeline_lock(pipe: Any) -> PipelineLock:
+    """The one lock of ``pipe``, shared by every wrapper of it; made on first use."""
+    with _locks_guard:
+        try:
+            return _locks.setdefault(pipe, PipelineLock())
+        except TypeError:  # not hashable or not weakly referable: keyed by identity
+            return _locks_by_id.setdefault(id(pipe), PipelineLock())
+
+
+def unknown_keyword_error(unknown: Iterable[str], valid: Iterable[str], where: str) -> ConfigError:
+    """A ``ConfigError`` naming each unknown keyword and the closest valid one."""
+    valid = sorted(set(valid))
+    parts = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"unknown keyword(s) for {where}: {', '.join(parts)}. Valid keywords: "
+                       f"{', '.join(valid)}")
+
+
+def out_of_memory_error(exc: BaseException, batch_lines: bool) -> DeviceOutOfMemoryError:
+    """What to lower when the device ran out of memory inside a call."""
+    lines = ("BFConfig(batch_lines=False), which evaluates the lines one call each and so "
+             "halves the largest UNet batch; " if batch_lines else "")
+    return DeviceOutOfMemoryError(
+        f"the device ran out of memory inside the call ({exc}). Every piece of pipeline state "
+        f"is restored. To fit: {lines}pipe.enable_model_cpu_offload(); a smaller height and "
+        "width; fewer images per prompt.")
 
 
 class BeyondFacialPipeline:
@@ -22,36 +99,61 @@ class BeyondFacialPipeline:
     ``generator``, ``num_images_per_prompt``, ``output_type``, ``return_dict``,
     ``callback_on_step_end``, ...), adding ``id_images``, ``id_prompt``,
     ``return_fusion_maps`` and the backend's own options. ``config=`` per call overrides
-    the wrapper's config for that call only.
+    the wrapper's config for that call only. A keyword that is none of these is refused,
+    naming the closest valid one.
     """
 
-    def __init__(self, pipe: Any, backend: Any, config: BFConfig, host: Any):
+    def __init__(self, pipe: Any, backend: Any, config: BFConfig, host: Any,
+                 concurrency: str = "wait"):
         self.pipe = pipe
         self.backend = backend
         self.config = config
         self.host = host
+        self.concurrency = concurrency
 
     def __call__(self, *args: Any, config: BFConfig | None = None, id_images: Any = None,
                  id_prompt: str | None = None, return_fusion_maps: bool = False, **kwargs: Any):
+        config = config or self.config
+        if not isinstance(config, BFConfig):
+            raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
+        self._check_keywords(kwargs)
+        lock = pipeline_lock(self.pipe)
+        lock.acquire(wait=self.concurrency == "wait", pipe=self.pipe)
+        try:
+            return self._run(args, kwargs, config, id_images, id_prompt, return_fusion_maps)
+        finally:
+            lock.release()
+
+    def _run(self, args: tuple, kwargs: dict[str, Any], config: BFConfig, id_images: Any,
+             id_prompt: str | None, return_fusion_maps: bool):
         import torch
 
         from bf_core import loop
         from bf_core.records import Person
 
-        config = config or self.config
-        if not isinstance(config, BFConfig):
-            raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
-        with torch.no_grad():  # as the stock __call__
-            call = self.host.open_call(self.pipe, args, kwargs)
-            session = self.backend.open_session(call, config)
-            latents, record = loop.run(call, session, config, [Person(id_images, id_prompt)],
-                                       keep_maps=return_fusion_maps)
-            return call.finish(latents, record, self.backend.name)
+        try:
+            with torch.no_grad():  # as the stock __call__
+                call = self.host.open_call(self.pipe, args, kwargs)
+                session = self.backend.open_session(call, config)
+                latents, record = loop.run(call, session, config, [Person(id_images, id_prompt)],
+                                           keep_maps=return_fusion_maps)
+                return call.finish(latents, record, self.backend.name)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory_error(exc, config.batch_lines) from exc
+
+    def _check_keywords(self, kwargs: Mapping[str, Any]) -> None:
+        valid = (set(self.host.call_keywords(self.pipe)) | set(METHOD_KEYWORDS)
+                 | set(self.backend.options))
+        unknown = set(kwargs) - valid
+        if unknown:
+            raise unknown_keyword_error(unknown, valid,
+                                        f"a {self.backend.name} call on {self.host.name}")
 
     def with_config(self, **changes: Any) -> BeyondFacialPipeline:
         """A new wrapper of the same pipeline with some BFConfig fields changed."""
         return BeyondFacialPipeline(self.pipe, self.backend,
-                                    dataclasses.replace(self.config, **changes), self.host)
+                                    dataclasses.replace(self.config, **changes), self.host,
+                                    self.concurrency)
 
     def unwrap(self) -> Any:
         """The original pipeline (nothing to undo: every call restores what it touched)."""
@@ -64,7 +166,7 @@ class BeyondFacialPipeline:
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (progress-bar config, offload switches, components) is the pipeline's.
-        if name in ("pipe", "backend", "config", "host"):
+        if name in ("pipe", "backend", "config", "host", "concurrency"):
             raise AttributeError(name)
         return getattr(self.pipe, name)
 
@@ -73,18 +175,26 @@ class BeyondFacialPipeline:
                 f"pipe={type(self.pipe).__name__}, config={self.config!r})")
 
 
-def wrap(pipe: Any, backend: str | None = None, config: BFConfig | None = None) -> BeyondFacialPipeline:
+def wrap(pipe: Any, backend: str | None = None, config: BFConfig | None = None,
+         concurrency: str = "wait") -> BeyondFacialPipeline:
     """Wrap a diffusers pipeline with BeyondFacial.
 
     backend: a backend name (``beyondfacial backends`` lists them); None asks the
         installed plugins which one serves ``pipe``.
     config: the method's settings; ``BFConfig()`` (the paper's defaults) if None.
+    concurrency: ``"wait"`` (a call waits for one running on the same pipeline in another
+        thread) or ``"refuse"`` (it raises ``ConcurrentCallError``).
+    A wrapper given as ``pipe`` is unwrapped: the new wrapper wraps its pipeline.
     """
     from bf_core.plugins import get_registry
 
+    if isinstance(pipe, BeyondFacialPipeline):
+        pipe = pipe.pipe
     config = config if config is not None else BFConfig()
     if not isinstance(config, BFConfig):
         raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
+    if concurrency not in CONCURRENCY_POLICIES:
+        raise ConfigError(f"concurrency must be one of {CONCURRENCY_POLICIES}, got {concurrency!r}")
     registry = get_registry()
     host = registry.host_for_pipeline(pipe) if backend is None else None
     chosen = (registry.get_backend(backend) if backend
@@ -98,4 +208,4 @@ def wrap(pipe: Any, backend: str | None = None, config: BFConfig | None = None) 
         raise UnsupportedPipelineError(
             f"backend {chosen.name!r} serves {', '.join(chosen.hosts)} pipelines, but this "
             f"{type(pipe).__name__} is a {host.name} pipeline")
-    return BeyondFacialPipeline(pipe, chosen, config, host)
+    return BeyondFacialPipeline(pipe, chosen, config, host, concurrency)

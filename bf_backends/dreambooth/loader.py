@@ -19,18 +19,19 @@ def load_identity_checkpoint(pipe: Any, checkpoint: str, adapter_name: str = IDE
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"identity checkpoint not found: {checkpoint}")
-    if token is not None:
-        pipe.load_textual_inversion(str(path), token=token)
-        return
-    if path.suffix != ".safetensors":
+    if token is None and path.suffix != ".safetensors":
         raise CheckpointError(f"{checkpoint}: identity LoRAs are read from .safetensors files only "
                               "(pickled LoRA files are refused: convert them first)")
+    what = "a textual-inversion embedding" if token is not None else "an SDXL LoRA"
     try:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        if token is not None:
+            pipe.load_textual_inversion(str(path), token=token)
+        else:
+            pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{checkpoint}: diffusers could not load it as an SDXL LoRA "
+        raise CheckpointError(f"{checkpoint}: diffusers could not load it as {what} "
                               f"({type(exc).__name__}: {exc}). Give a LoRA trained for SDXL in "
-                              "diffusers, kohya or PEFT format.") from exc
+                              "diffusers, kohya or PEFT format, or an SDXL embedding.") from exc
 
 
 def load_dreambooth_pipeline(base_model: str, checkpoint: str | None = None, *, torch_dtype=None,

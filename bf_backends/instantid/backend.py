@@ -74,11 +74,8 @@ _ALIASES = {"image": "kps", "image_embeds": "face_embeds"}
 
 
 def normalise_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Check call options against ``OPTIONS`` and map the official pipeline's names."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        listing = "\n".join(f"  {name}: {text}" for name, text in OPTIONS.items())
-        raise ConfigError(f"unknown InstantID option(s) {', '.join(unknown)}; accepted:\n{listing}")
+    """Map the official pipeline's option names to ours (the wrapper has already refused
+    keywords that are no option at all)."""
     normalised = dict(options)
     for alias, name in _ALIASES.items():
         if alias in normalised:

@@ -71,6 +71,9 @@ def analyse_references(id_images: Sequence[Any] | None, options: dict[str, Any],
     given = options.get("face_embeds")
     faces = []
     if id_images:
+        from bf_core.images import load_images
+
+        load_images(list(id_images))  # named errors for unreadable or too small photos
         faces = analyzer().embed(list(id_images), policy=options.get("face_policy", "largest"))
     if given is not None:
         embeds = np.asarray(given.detach().cpu() if isinstance(given, torch.Tensor) else given,

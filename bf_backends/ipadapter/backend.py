@@ -75,11 +75,7 @@ OPTIONS = {
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Refuse misspelt call options instead of silently ignoring them."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        listing = "\n".join(f"  {name}: {text}" for name, text in OPTIONS.items())
-        raise ConfigError(f"unknown IP-Adapter option(s) {', '.join(unknown)}; accepted:\n{listing}")
+    """Check the option values (the wrapper has already refused keywords that are no option)."""
     channels = options.get("face_crop_channels", "bgr")
     if channels not in FACE_CROP_CHANNELS:
         raise ConfigError(f"face_crop_channels must be one of {FACE_CROP_CHANNELS}, got {channels!r}.")

@@ -116,10 +116,6 @@ class PhotoMakerSession(SDXLSession):
 
     def __init__(self, backend: Any, call: SDXLCall, config: BFConfig):
         super().__init__(backend, call, config)
-        unknown = sorted(set(self.request.backend_options) - set(OPTIONS))
-        if unknown:
-            listed = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
-            raise ConfigError(f"unknown PhotoMaker option(s) {unknown}. Known: {listed}")
         self.parts = PhotoMakerParts.of(self.pipe)
         self.encoder = PhotoMakerIdentityEncoder(self.pipe, self.request, self.parts,
                                                  backend.face_analyzer)

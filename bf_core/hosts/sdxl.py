@@ -17,6 +17,7 @@ and text helpers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 
 from bf_core.config import BFConfig
-from bf_core.errors import ConfigError, NonFiniteError
+from bf_core.errors import ConfigError
+from bf_core.finite import check_decoded
 from bf_core.hookspecs import hookimpl
 from bf_core.hosts import Step
 from bf_core.protocols import IdentityEncoder
@@ -388,8 +390,11 @@ def _execution_device_of(module: torch.nn.Module, fallback: torch.device) -> tor
     return get_module_execution_device(module)
 
 
-def decode_latents(pipe: Any, latents: torch.Tensor, output_type: str):
-    """The stock pipeline's decode tail: VAE upcast, unscale, decode, watermark, postprocess."""
+def decode_latents(pipe: Any, latents: torch.Tensor, output_type: str, check: bool = False):
+    """The stock pipeline's decode tail: VAE upcast, unscale, decode, watermark, postprocess.
+
+    check: refuse a decoded image holding NaN or infinity (``bf_core.finite.check_decoded``).
+    """
     if output_type == "latent":
         return latents
     vae = pipe.vae
@@ -409,6 +414,8 @@ def decode_latents(pipe: Any, latents: torch.Tensor, output_type: str):
         latents = latents / vae.config.scaling_factor
     latents = latents.to(_execution_device_of(vae, latents.device))
     image = vae.decode(latents, return_dict=False)[0]
+    if check:
+        check_decoded(image, vae.dtype)
     if needs_upcasting:
         vae.to(dtype=torch.float16)
     if getattr(pipe, "watermark", None) is not None:
@@ -444,15 +451,56 @@ def x0_from_prediction(sample: torch.Tensor, model_output: torch.Tensor, alpha_b
     return None
 
 
-def _check_call(pipe, arguments: SDXLCallArguments, height: int, width: int,
-                tensor_inputs: list[str]) -> None:
-    if height % 8 != 0 or width % 8 != 0:
-        raise ConfigError(f"height and width must be divisible by 8, got {height} and {width}")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _check_prompts(arguments: SDXLCallArguments) -> None:
+    """Prompts are a string or a non-empty list of strings; lists agree on the batch."""
     if (arguments.prompt is None) == (arguments.prompt_embeds is None):
         raise ConfigError("give exactly one of prompt and prompt_embeds")
-    if arguments.num_images_per_prompt < 1:
-        raise ConfigError(f"num_images_per_prompt must be >= 1, got "
-                          f"{arguments.num_images_per_prompt}")
+    batch = None
+    for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+        value = getattr(arguments, name)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, (list, tuple)) or not value \
+                or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{name} must be a string or a non-empty list of strings, got "
+                              f"{type(value).__name__} {value!r:.60}")
+        if batch is not None and len(value) != batch:
+            raise ConfigError(f"{name} has {len(value)} entries but the batch has {batch} "
+                              "prompts; give one per prompt, or one string for all")
+        batch = len(value) if batch is None else batch
+
+
+def _check_int(name: str, value: Any, lowest: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ConfigError(f"{name} must be an int >= {lowest}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, lowest: float, highest: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not lowest <= value <= highest:
+        raise ConfigError(f"{name} must be a finite number in [{lowest:g}, {highest:g}], "
+                          f"got {value!r}")
+
+
+def _check_call(pipe, arguments: SDXLCallArguments, height: int, width: int,
+                tensor_inputs: list[str]) -> None:
+    """The call's arguments, refused with a named error before anything runs."""
+    _check_prompts(arguments)
+    for name, value in (("height", height), ("width", width)):
+        _check_int(name, value, 8)
+        if value % 8:
+            raise ConfigError(f"height and width must be divisible by 8, got {height} and {width}")
+    if arguments.timesteps is None and arguments.sigmas is None:
+        _check_int("num_inference_steps", arguments.num_inference_steps, 1)
+    _check_int("num_images_per_prompt", arguments.num_images_per_prompt, 1)
+    _check_number("guidance_scale", arguments.guidance_scale, 0.0, 1e3)
+    _check_number("guidance_rescale", arguments.guidance_rescale, 0.0, 1.0)
+    _check_number("eta", arguments.eta, 0.0, 1.0)
+    if arguments.output_type not in OUTPUT_TYPES:
+        raise ConfigError(f"output_type must be one of {OUTPUT_TYPES}, got {arguments.output_type!r}")
     allowed = set(getattr(pipe, "_callback_tensor_inputs", ()))
     unknown = [name for name in tensor_inputs if name not in allowed]
     if unknown:
@@ -666,12 +714,7 @@ class SDXLCall:
 
     # -- the end ---------------------------------------------------------------------------------
     def finish(self, latents: torch.Tensor, record: LoopRecord, backend: str):
-        if not torch.isfinite(latents).all():
-            raise NonFiniteError(
-                "the final latents contain NaN or infinity. In float16 this is usually an "
-                "overflow: run the UNet in float32 or bfloat16, lower guidance_scale, or check "
-                "the checkpoints")
-        image = decode_latents(self.pipe, latents, self.arguments.output_type)
+        image = decode_latents(self.pipe, latents, self.arguments.output_type, check=True)
         self.pipe.maybe_free_model_hooks()
         if not self.arguments.return_dict:
             return (image,)
@@ -759,12 +802,15 @@ def encode_user_prompt(pipe: Any, request: GenerationRequest) -> LineConditionin
 
 
 def id_negative_prompt(request: GenerationRequest) -> Any:
-    """The ID line's negative prompt: the ``id_negative_prompt`` option, else the caller's.
-    A list that does not match the batch gives its first entry, as before the option
-    existed."""
+    """The ID line's negative prompt: the ``id_negative_prompt`` option, else the caller's
+    (a string serves every prompt; a list gives one per prompt)."""
     negative = request.backend_options.get("id_negative_prompt", request.negative_prompt)
-    if isinstance(negative, list) and request.batch_size != len(negative):
-        negative = negative[0]
+    if isinstance(negative, (list, tuple)) and len(negative) != request.batch_size:
+        raise ConfigError(f"id_negative_prompt has {len(negative)} entries but the batch has "
+                          f"{request.batch_size} prompts; give one per prompt, or one string")
+    if negative is not None and not isinstance(negative, (str, list, tuple)):
+        raise ConfigError(f"id_negative_prompt must be a string or a list of strings, got "
+                          f"{type(negative).__name__}")
     return negative
 
 

@@ -233,7 +233,7 @@ def test_bad_kps_and_unknown_options_are_named(analyzer):
         _run(pipe, analyzer, kps="centre")
     with pytest.raises(ConfigError, match=r"\(5, 2\)"):
         _run(pipe, analyzer, kps=np.zeros((68, 2)))
-    with pytest.raises(ConfigError, match="unknown InstantID option.*ip_scale"):
+    with pytest.raises(ConfigError, match="unknown keyword.*'ip_scale'.*did you mean 'ip_adapter_scale'"):
         _run(pipe, analyzer, ip_scale=0.5)
 
 

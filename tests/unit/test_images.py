@@ -75,9 +75,19 @@ def test_torch_chw_and_hwc_float_and_uint8(pixels):
 
 
 def test_load_images_single_and_list(pixels):
-    assert len(load_images(pixels)) == 1
-    images = load_images([pixels, Image.fromarray(pixels)])
-    assert [im.size for im in images] == [(8, 6), (8, 6)]
+    photo = np.tile(pixels, (6, 5, 1))  # 40 x 36: above the smallest reference side
+    assert len(load_images(photo)) == 1
+    images = load_images([photo, Image.fromarray(photo)])
+    assert [im.size for im in images] == [(40, 36), (40, 36)]
+
+
+def test_a_reference_too_small_to_hold_a_face_is_refused(pixels):
+    from bf_core.images import MIN_REFERENCE_SIDE
+
+    assert load_image(pixels).size == (8, 6)  # one image may be anything: a mask, a crop
+    with pytest.raises(ImageInputError, match=rf"reference image 1 is 1 x 1 pixels.*at least "
+                                              rf"{MIN_REFERENCE_SIDE} pixels"):
+        load_images([np.tile(pixels, (6, 5, 1)), np.zeros((1, 1, 3), np.uint8)])
 
 
 def _error(xs) -> str:
