@@ -292,13 +292,12 @@ class PluginRegistry:
         missing = _missing_attributes(backend, _BACKEND_ATTRIBUTES)
         if missing:
             raise TypeError(f"backend {backend!r} has no {missing}; see bf_core.Backend")
+        if self._refused_reserved(backend.name, plugin):
+            return
         new = Registered(backend, plugin)
         current = self._backends.get(backend.name)
-        if current is None and not self._refused_reserved(backend.name, plugin):
-            self._backends[backend.name] = new
-            return
-        if current is not None:
-            self._backends[backend.name] = self._collision_winner(backend.name, current, new)
+        self._backends[backend.name] = (new if current is None
+                                        else self._collision_winner(backend.name, current, new))
 
     def _refused_reserved(self, name: str, plugin: str) -> bool:
         record = self._record(plugin)

@@ -211,7 +211,7 @@ def test_duplicate_backend_names_are_refused(fresh_registry):
         def bf_register_backends(self, register):
             register(Twin())
 
-    with pytest.warns(plugins.PluginLoadWarning, match="registered by both"):
+    with pytest.warns(plugins.PluginLoadWarning, match="'dreambooth' is reserved.*'twin-test'"):
         name = bf_core.register_plugin(TwinPlugin(), name="twin-test")
     try:
         assert type(plugins.get_registry().backends()["dreambooth"]).__name__ == "DreamBoothBackend"
@@ -228,3 +228,139 @@ def test_wrap_explains_unsupported_objects_and_unknown_names():
         bf_core.wrap(tiny_sdxl_pipeline(), backend="nope")
     with pytest.raises(UnsupportedPipelineError, match="cannot serve"):
         bf_core.wrap(object(), backend="dreambooth")
+
+
+# -- isolation: one broken plugin never takes wrap down for everyone --------------------------
+class _RaisesWhenAsked:
+    @bf_core.hookimpl
+    def bf_backend_for_pipeline(self, pipe, candidates):
+        raise RuntimeError("chooser exploded")
+
+
+def test_a_plugin_raising_in_a_hook_is_marked_failed_with_the_hook_and_skipped(fresh_registry,
+                                                                                capsys):
+    from bf_core import cli
+
+    pipe = tiny_sdxl_pipeline()
+    name = bf_core.register_plugin(_RaisesWhenAsked(), name="raising-chooser")
+    try:
+        with pytest.warns(plugins.PluginLoadWarning, match="'raising-chooser' failed in "
+                                                           "bf_backend_for_pipeline"):
+            assert bf_core.wrap(pipe).backend.name == "dreambooth"
+        record = next(p for p in plugins.get_registry().plugins if p.name == name)
+        assert (record.status, record.hook) == ("failed", "bf_backend_for_pipeline")
+        assert "chooser exploded" in record.error
+        # Skipped from now on: no second warning, and the listing says it failed, and where.
+        with warnings_as_errors():
+            assert bf_core.wrap(pipe).backend.name == "dreambooth"
+        assert cli.main(["backends"]) == 0
+        listing = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+        assert listing[name]["status"] == "failed"
+        assert listing[name]["hook"] == "bf_backend_for_pipeline"
+    finally:
+        bf_core.unregister_plugin(name)
+
+
+class _MisspeltHook:
+    @bf_core.hookimpl
+    def bf_register_backend(self, register):  # the spec is bf_register_backends
+        raise AssertionError("a hook no spec names must never be called")
+
+
+def test_a_misspelt_hook_is_caught_by_check_pending(fresh_registry):
+    with pytest.warns(plugins.PluginLoadWarning, match="failed in check_pending.*"
+                                                       "bf_register_backend"):
+        name = bf_core.register_plugin(_MisspeltHook(), name="misspelt")
+    record = next(p for p in plugins.get_registry().plugins if p.name == name)
+    assert (record.status, record.hook) == ("failed", "check_pending")
+    assert plugins.get_registry().manager.get_plugin(name) is None
+    assert bf_core.wrap(tiny_sdxl_pipeline()).backend.name == "dreambooth"
+
+
+def _backend_module(backend_name: str, priority: int = -50) -> str:
+    """A third-party plugin module registering one backend called ``backend_name``."""
+    return f'''from bf_core import hookimpl
+from bf_core.hosts.sdxl import SDXLSession
+
+
+class Backend:
+    name = {backend_name!r}
+    recognizes_description = "never chosen automatically"
+    priority = {priority}
+    default_id_prompt = "a person"
+    hosts = ("sdxl",)
+    options = {{}}
+
+    def recognizes(self, pipe):
+        return False
+
+    def open_session(self, call, config):
+        return SDXLSession(self, call, config)
+
+
+@hookimpl
+def bf_register_backends(register):
+    register(Backend())
+'''
+
+
+def _install_twins(site: Path, name: str) -> None:
+    for dist in ("twin-a", "twin-b"):
+        module = dist.replace("-", "_") + "_module"
+        write_fake_distribution(site / dist, dist, {dist: module},
+                                {module: _backend_module(name)})
+
+
+def _registry_from(site: Path, monkeypatch, **env: str):
+    for folder in sorted(site.iterdir()):
+        monkeypatch.syspath_prepend(str(folder))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    importlib.invalidate_caches()
+    plugins.reset_registry()
+    return plugins.get_registry()
+
+
+def test_a_name_collision_warns_naming_both_distributions(tmp_path, monkeypatch, fresh_registry):
+    _install_twins(tmp_path, "twin")
+    with pytest.warns(plugins.PluginLoadWarning) as caught:
+        registry = _registry_from(tmp_path, monkeypatch)
+        registry.backends()
+    message = next(str(w.message) for w in caught if "registered by both" in str(w.message))
+    assert "'twin-a'" in message and "'twin-b'" in message
+    assert f"{plugins.CHOICE_ENV}=twin=" in message
+    kept = registry.backend_plugin("twin")
+    assert registry._owner(kept) in message
+
+
+@pytest.mark.parametrize("chosen", ["twin-a", "twin-b"])
+def test_the_user_chooses_which_distribution_serves_a_name(chosen, tmp_path, monkeypatch,
+                                                           fresh_registry):
+    _install_twins(tmp_path, "twin")
+    registry = _registry_from(tmp_path, monkeypatch, **{plugins.CHOICE_ENV: f"twin={chosen}"})
+    with warnings_as_errors():  # an explicit choice is not warned about
+        assert registry._owner(registry.backend_plugin("twin")) == chosen
+
+
+def test_builtin_names_are_reserved_unless_the_user_chooses(tmp_path, monkeypatch, fresh_registry):
+    write_fake_distribution(tmp_path / "imposter", "imposter", {"imposter": "imposter_module"},
+                            {"imposter_module": _backend_module("dreambooth", priority=1000)})
+    with pytest.warns(plugins.PluginLoadWarning, match="'dreambooth' is reserved.*'imposter'"):
+        registry = _registry_from(tmp_path, monkeypatch)
+        assert type(registry.backends()["dreambooth"]).__name__ == "DreamBoothBackend"
+    chosen = _registry_from(tmp_path, monkeypatch, **{plugins.CHOICE_ENV: "dreambooth=imposter"})
+    assert chosen._owner(chosen.backend_plugin("dreambooth")) == "imposter"
+
+
+class warnings_as_errors:
+    """A block in which any PluginLoadWarning fails the test."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catcher = warnings.catch_warnings()
+        self._catcher.__enter__()
+        warnings.simplefilter("error", plugins.PluginLoadWarning)
+
+    def __exit__(self, *exc):
+        return self._catcher.__exit__(*exc)
