@@ -78,3 +78,50 @@ def test_demo_writes_its_pictures(tmp_path, capsys):
     for name in ("demo_seed0_0.png", "demo_seed0_0_fusion.png", "demo_comparison.png",
                  "demo_settings.json"):
         assert (tmp_path / name).exists(), name
+
+
+def _explode(args):
+    raise RuntimeError("something deep\nwent wrong")
+
+
+def test_any_error_is_one_line_and_a_hint_with_the_traceback_only_when_verbose(monkeypatch,
+                                                                             capsys):
+    monkeypatch.setattr(cli, "cmd_env", _explode)
+    assert cli.main(["env"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: RuntimeError: something deep went wrong",
+                                f"({cli.VERBOSE_HINT})"]
+    with pytest.raises(RuntimeError, match="something deep"):
+        cli.main(["--verbose", "env"])
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_folder(tmp_path_factory):
+    from bf_core.testing import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("contents", [b"not a safetensors file", "wrong-keys"])
+def test_a_bad_dreambooth_lora_is_a_checkpoint_error_in_one_line(contents, tiny_sdxl_folder,
+                                                                  tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "identity.safetensors"
+    if contents == "wrong-keys":
+        save_file({"text_model.nonsense.weight": torch.zeros(2, 2)}, str(lora))
+    else:
+        lora.write_bytes(contents)
+    code = cli.main(["generate", "--backend", "dreambooth", "--base-model", str(tiny_sdxl_folder),
+                     "--checkpoint", str(lora), "--dtype", "float32", "--prompt", "x",
+                     "--steps", "2", "--height", "64", "--width", "64",
+                     "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, lines  # above it only the loading progress bars
+    message = lines[errors[0]:]
+    assert message[0].startswith(f"error: {lora}: diffusers could not load it as an SDXL LoRA")
+    assert message[1:] == [f"({cli.VERBOSE_HINT})"] and "Traceback" not in "\n".join(lines)
