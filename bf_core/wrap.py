@@ -113,10 +113,16 @@ class BeyondFacialPipeline:
 
     def __call__(self, *args: Any, config: BFConfig | None = None, id_images: Any = None,
                  id_prompt: str | None = None, return_fusion_maps: bool = False, **kwargs: Any):
-        config = config or self.config
+        config = self.config if config is None else config
         if not isinstance(config, BFConfig):
             raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
         self._check_keywords(kwargs)
+        if id_prompt is not None and not isinstance(id_prompt, str):
+            raise ConfigError(f"id_prompt must be a string (the person's placeholder prompt "
+                              f"P_id), or None or '' for the backend's default, got "
+                              f"{type(id_prompt).__name__} {id_prompt!r:.60}")
+        if not isinstance(return_fusion_maps, bool):
+            raise ConfigError(f"return_fusion_maps must be True or False, got {return_fusion_maps!r}")
         lock = pipeline_lock(self.pipe)
         lock.acquire(wait=self.concurrency == "wait", pipe=self.pipe)
         try:

@@ -454,6 +454,12 @@ def x0_from_prediction(sample: torch.Tensor, model_output: torch.Tensor, alpha_b
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def _size_or_default(pipe: Any, size: Any) -> Any:
+    """The caller's height or width; None gives the pipeline's default (only then asked for:
+    not every SDXL pipeline class has ``default_sample_size``)."""
+    return pipe.default_sample_size * pipe.vae_scale_factor if size is None else size
+
+
 def _check_prompts(arguments: SDXLCallArguments) -> None:
     """Prompts are a string or a non-empty list of strings; lists agree on the batch."""
     if (arguments.prompt is None) == (arguments.prompt_embeds is None):
@@ -530,8 +536,8 @@ class SDXLCall:
     def __init__(self, pipe: Any, arguments: SDXLCallArguments, options: dict[str, Any]):
         self.pipe, self.arguments = pipe, arguments
         self.tensor_inputs = _callback_tensor_inputs(arguments)
-        self.height = arguments.height or pipe.default_sample_size * pipe.vae_scale_factor
-        self.width = arguments.width or pipe.default_sample_size * pipe.vae_scale_factor
+        self.height = _size_or_default(pipe, arguments.height)
+        self.width = _size_or_default(pipe, arguments.width)
         _check_call(pipe, arguments, self.height, self.width, self.tensor_inputs)
         self._set_pipeline_properties()
         self.request = self._request(options)
