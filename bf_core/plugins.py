@@ -376,7 +376,7 @@ class PluginRegistry:
         hosts = "\n".join(f"  - {name}: {h.recognizes_description}"
                           for name, h in sorted(self.hosts().items()))
         return UnsupportedPipelineError(
-            f"no installed beyondfacial {missing} can serve a {type(pipe).__name__}. "
+            f"no installed beyondfacial {missing} can serve this {type(pipe).__name__}. "
             f"Installed backends and what each recognises:\n{backends}\nBase-model families "
             f"(hosts):\n{hosts}\nPass a diffusers SDXL pipeline set up for one of these "
             "methods, or name a backend with wrap(pipe, backend=...).")
