@@ -31,6 +31,7 @@ _LAZY = {
     "Identity": "bf_core.records",
     "Line": "bf_core.records",
     "LineConditioning": "bf_core.records",
+    "Person": "bf_core.records",
     "hookimpl": "bf_core.hookspecs",
     "register_plugin": "bf_core.plugins",
     "unregister_plugin": "bf_core.plugins",
@@ -50,6 +51,7 @@ __all__ = [
     "IdentityEncoder",
     "Line",
     "LineConditioning",
+    "Person",
     "hookimpl",
     "idaf",
     "idap_aggregate",
@@ -68,7 +70,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from bf_core.hookspecs import hookimpl
     from bf_core.plugins import register_plugin, unregister_plugin
     from bf_core.protocols import Backend, BackendSession, IdentityEncoder
-    from bf_core.records import BeyondFacialPipelineOutput, Identity, Line, LineConditioning
+    from bf_core.records import (
+        BeyondFacialPipelineOutput,
+        Identity,
+        Line,
+        LineConditioning,
+        Person,
+    )
     from bf_core.visualize import render_fusion_strip
     from bf_core.wrap import BeyondFacialPipeline, wrap
 

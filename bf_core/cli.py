@@ -158,6 +158,38 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_person(spec: str):
+    """``--person``: 'prompt=...;box=x0,y0,x1,y1;image=path' as a ``bf_core.Person``."""
+    from bf_core.records import Person
+
+    fields: dict[str, Any] = {"id_images": []}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in ("prompt", "box", "image"):
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: a person is 'prompt=...;box=x0,y0,x1,y1;image=path'")
+        if key == "prompt":
+            fields["id_prompt"] = value.strip()
+        elif key == "image":
+            fields["id_images"].append(value.strip())
+        else:
+            try:
+                box = tuple(float(v) for v in value.split(","))
+            except ValueError:
+                box = ()
+            if len(box) != 4:
+                raise argparse.ArgumentTypeError(f"box={value!r}: four numbers x0,y0,x1,y1")
+            fields["region"] = box
+    fields["id_images"] = fields["id_images"] or None
+    return Person(**fields)
+
+
+def _person_settings(person) -> dict[str, Any]:
+    return {"id_prompt": person.id_prompt, "region": person.region,
+            "id_images": [str(p) for p in person.id_images or []]}
+
+
 def _run_and_save(bf, config, out: Path, call_kwargs: dict[str, Any], seeds: list[int],
                   stem: str) -> list[Path]:
     import dataclasses
@@ -176,13 +208,14 @@ def _run_and_save(bf, config, out: Path, call_kwargs: dict[str, Any], seeds: lis
             _save_image(image, path)
             written.append(path)
             if result.fusion_maps is not None:
-                strip = render_fusion_strip(result.fusion_maps, result.fusion_steps, sample=index,
-                                            image=image)
+                strip = render_fusion_strip(result.fusion_lines, result.fusion_steps,
+                                            sample=index, image=image, regions=result.regions)
                 strip_path = out / f"{stem}_seed{seed}_{index}_fusion.png"
                 _save_image(strip, strip_path)
                 written.append(strip_path)
     settings = {"backend": bf.backend.name, "seeds": seeds, "config": dataclasses.asdict(config),
-                "call": {k: v for k, v in call_kwargs.items() if k != "id_images"},
+                "call": {k: v for k, v in call_kwargs.items() if k not in ("id_images", "people")},
+                "people": [_person_settings(p) for p in call_kwargs.get("people") or []],
                 "id_images": [str(p) for p in call_kwargs.get("id_images") or []],
                 "versions": _versions(), "files": [p.name for p in written]}
     settings_path = out / f"{stem}_settings.json"
@@ -241,6 +274,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                        height=args.height, width=args.width,
                        num_images_per_prompt=args.num_images)
+    if args.person:  # several people: each brings its own prompt, images and region
+        if args.id_prompt or args.id_image:
+            raise SystemExit("error: give --person (repeatable) or --id-prompt/--id-image, "
+                             "not both")
+        call_kwargs.pop("id_prompt")
+        call_kwargs.pop("id_images")
+        call_kwargs["people"] = args.person
     written = _run_and_save(bf, config, out, call_kwargs, args.seed, stem)
     print("\n".join(str(p) for p in written))
     return 0
@@ -323,6 +363,10 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--id-prompt", default=None, help="P_id; default: the backend's")
     gen.add_argument("--id-image", action="append", help="reference image (repeatable)")
+    gen.add_argument("--person", action="append", type=parse_person, metavar="SPEC",
+                     help="one of several people (repeatable), as 'prompt=a photo of sks "
+                          "woman;box=0,0,0.5,1;image=ana.jpg' (each part optional, image "
+                          "repeatable; box in fractions of the image)")
     gen.add_argument("--seed", type=int, action="append", help="repeatable; default 0")
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance-scale", type=float, default=5.0)

@@ -21,6 +21,7 @@ SMOOTHINGS = ("avgpool", "downup", "none")
 SALIENCIES = ("guided", "cfg_delta")
 NEGATIVE_POLICIES = ("aggregate", "zeros")
 SEMANTIC_ADAPTER_POLICIES = ("off", "on")
+IDAP_PEOPLE_POLICIES = ("all", "none")
 
 
 #: Upper bounds that keep every setting meaningful. A lambda times a saliency must stay far
@@ -151,6 +152,8 @@ class BFConfig:
     batch_lines: evaluate both lines in one row-masked UNet call when the backend can
         switch its state per row (faster on a GPU; equal to separate calls up to float
         round-off, see ``bf_core.rowbatch``); False keeps one call per line.
+    idap_people: with several people, ``"all"`` prepends every person's K IdAP tokens to the
+        scene prompt (N*K + L tokens), ``"none"`` prepends none (IdAP off).
     """
 
     enabled: bool = True
@@ -163,6 +166,7 @@ class BFConfig:
     semantic_adapters: str = "off"
     share_negative: bool = False
     batch_lines: bool = True
+    idap_people: str = "all"
 
     def __post_init__(self):
         for name in ("enabled", "use_idaf", "use_idap", "share_negative", "batch_lines"):
@@ -175,6 +179,7 @@ class BFConfig:
         if not isinstance(self.idap, IdAPConfig):
             raise ConfigError(f"BFConfig.idap must be an IdAPConfig, got {type(self.idap).__name__}")
         _require_choice("BFConfig.semantic_adapters", self.semantic_adapters, SEMANTIC_ADAPTER_POLICIES)
+        _require_choice("BFConfig.idap_people", self.idap_people, IDAP_PEOPLE_POLICIES)
 
     def thresholds(self, num_steps: int) -> tuple[int, int]:
         """(M1, M2) as step indices for a schedule of ``num_steps`` steps."""

@@ -45,6 +45,7 @@ from bf_core.records import (
     Person,
     SemanticPreview,
 )
+from bf_core.regions import latent_regions
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,20 @@ class LinePlan:
     idaf_start: int = 0
     idap_start: int = 0
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: each person's region as given (``bf_core.regions``), one per ID line
+    regions: list[Any] = field(default_factory=list)
+    _grid_regions: dict[tuple, list[torch.Tensor | None] | None] = field(default_factory=dict)
+
+    def region_masks(self, height: int, width: int, device: torch.device
+                     ) -> list[torch.Tensor | None] | None:
+        """The ID lines' regions on the (height, width) latent grid, made once per call;
+        None when every region is the whole frame."""
+        key = (height, width, str(device))
+        if key not in self._grid_regions:
+            masks = latent_regions(self.regions, height, width)
+            self._grid_regions[key] = None if masks is None else [
+                None if mask is None else mask.to(device) for mask in masks]
+        return self._grid_regions[key]
 
     @property
     def semantic(self) -> PlannedLine:
@@ -134,28 +149,32 @@ def match_rows(tokens: torch.Tensor, rows: int, num_images_per_prompt: int, what
                       f"or {rows} (prompts x images per prompt)")
 
 
-def idap_conditioning(cond: LineConditioning, identity: Identity, config: BFConfig,
+def idap_conditioning(cond: LineConditioning, identities: Sequence[Identity], config: BFConfig,
                       rows: int, num_images_per_prompt: int) -> tuple[LineConditioning, torch.Tensor]:
-    """The semantic line's conditioning with the K aggregated ID tokens prepended (eq. 12).
+    """The semantic line's conditioning with every person's K aggregated ID tokens
+    prepended, in the order the people were given (eq. 12): N*K + L tokens.
 
-    Returns the new conditioning and the IdAP token selection (R, K) for diagnostics.
+    Returns the new conditioning and the IdAP token selection (R, N*K) for diagnostics.
     """
     idap = config.idap
-    dim = identity.tokens.shape[-1]
-    if dim != cond.prompt_embeds.shape[-1]:
+    dim = identities[0].tokens.shape[-1]
+    if any(identity.tokens.shape[-1] != cond.prompt_embeds.shape[-1] for identity in identities):
         raise ConfigError(f"IdAP: the backend's ID tokens have width D={dim} but the scene prompt's "
                           f"tokens have D={cond.prompt_embeds.shape[-1]}; T_id must live in the "
                           "model's text-token space")
     query = (load_idap_query(idap.query_file, idap.num_tokens, dim) if idap.query_file
              else idap_query(idap.num_tokens, dim, idap.seed))
-    t_id = match_rows(identity.tokens, rows, num_images_per_prompt, "Identity.tokens")
-    positive = idap_prepend(idap_aggregate(t_id, query, idap.temperature), cond.prompt_embeds)
+    t_ids = [match_rows(identity.tokens, rows, num_images_per_prompt, "Identity.tokens")
+             for identity in identities]
+    pooled = [idap_aggregate(t_id, query, idap.temperature) for t_id in t_ids]
+    positive = idap_prepend(torch.cat(pooled, dim=1), cond.prompt_embeds)
     negative = None
     if cond.negative_prompt_embeds is not None:
-        negative = idap_prepend(idap_negative_tokens(identity, query, config, rows,
-                                                     num_images_per_prompt, positive),
-                                cond.negative_prompt_embeds)
-    selection = idap_selection(t_id, query, idap.temperature)
+        negatives = [idap_negative_tokens(identity, query, config, rows, num_images_per_prompt,
+                                          tokens) for identity, tokens in zip(identities, pooled,
+                                                                              strict=True)]
+        negative = idap_prepend(torch.cat(negatives, dim=1), cond.negative_prompt_embeds)
+    selection = torch.cat([idap_selection(t_id, query, idap.temperature) for t_id in t_ids], dim=1)
     return LineConditioning(positive, cond.pooled, negative, cond.negative_pooled), selection
 
 
@@ -187,9 +206,9 @@ def plan_lines(host: HostCall, session: BackendSession, identities: Sequence[Ide
         return plan
     plan.idaf_start, plan.idap_start = config.thresholds(num_steps)
     plan.diagnostics.update(idaf_start=plan.idaf_start, idap_start=plan.idap_start)
-    if config.use_idap:
+    if config.use_idap and config.idap_people == "all":
         request = host.request
-        with_idap, selection = idap_conditioning(semantic_cond, identities[0], config,
+        with_idap, selection = idap_conditioning(semantic_cond, identities, config,
                                                  request.num_rows, request.num_images_per_prompt)
         plan.semantic.inputs_with_idap = host.line_inputs(with_idap)
         plan.diagnostics["idap_selection"] = selection.cpu()
@@ -252,20 +271,23 @@ def guide_lines(host: HostCall, lines: Sequence[ActiveLine], outputs: Sequence[t
     return guided
 
 
-def fuse(host: HostCall, config: IdAFConfig, guided: Sequence[Guided]
+def fuse(host: HostCall, config: IdAFConfig, guided: Sequence[Guided], plan: LinePlan
          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The step's noise: the semantic line's, fused by IdAF with the ID lines' when they run.
-    Returns (noise, winner), winner (N, 1, H, W) int64 (0 semantic) or None."""
+    """The step's noise: the semantic line's, fused by IdAF with the ID lines' when they run,
+    each ID line competing only inside its person's region.
+    Returns (noise, winner), winner (N, 1, H, W) int64 (0 semantic, j person j) or None."""
     if len(guided) == 1:
         return guided[0].noise, None
     layout = host.fusion_layout
+    semantic = layout(guided[0].noise)
+    regions = plan.region_masks(*semantic.shape[-2:], semantic.device)
     saliency: dict[str, Any] = {}
     if config.saliency == "cfg_delta":
         scale, reference = host.guidance_scale, guided[0].uncond
         deltas = [layout(cfg_delta_saliency(g.cond, reference, scale)) for g in guided]
         saliency = {"saliency_sem": deltas[0], "saliency_ids": deltas[1:]}
-    fused, winner = fuse_lines(layout(guided[0].noise), [layout(g.noise) for g in guided[1:]],
-                               config, **saliency)
+    fused, winner = fuse_lines(semantic, [layout(g.noise) for g in guided[1:]],
+                               config, regions=regions, **saliency)
     return host.from_fusion_layout(fused), winner
 
 
@@ -285,9 +307,10 @@ def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: 
     guided = guide_lines(host, lines, outputs, cfg)
     for active, prediction in zip(lines, guided, strict=True):
         watch.observe(step.index, active.index, prediction.noise)
-    noise, winner = fuse(host, config.idaf, guided)
+    noise, winner = fuse(host, config.idaf, guided, plan)
     if winner is not None and record.keep_maps:
         record.fusion_maps.append((winner > 0).cpu())
+        record.fusion_lines.append(winner.to(torch.int8).cpu())
         record.fusion_steps.append(step.index)
     if plan.has_id_lines and step.index == plan.idaf_start:
         semantic_rows = batches[0]
@@ -326,8 +349,13 @@ def run(host: HostCall, session: BackendSession, config: BFConfig, people: Seque
         session.open(restore)
         identities = [session.encoder.encode(person) for person in people]
         plan = plan_lines(host, session, identities, config)
+        plan.regions = [person.region for person in people]
         record.diagnostics.update(plan.diagnostics)
         latents = denoise(host, session, plan, config, record)
     if keep_maps:
         record.diagnostics["fusion_steps"] = record.fusion_steps
+    height, width = latents.shape[-2:]
+    masks = latent_regions(plan.regions, height, width)
+    record.regions = [None if mask is None else mask[0, 0].cpu()
+                      for mask in (masks or [None] * len(people))]
     return latents, record

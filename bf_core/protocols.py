@@ -98,6 +98,8 @@ class Backend(Protocol):
     hosts: tuple[str, ...]
     #: its own per-call keywords, each with a line of help
     options: Mapping[str, str]
+    #: how many people one call may have (one ID line each); optional, 1 when absent
+    max_people: int
 
     def recognizes(self, pipe: Any) -> bool:
         """Duck-typed check; never imports the method's own package."""
@@ -106,3 +108,13 @@ class Backend(Protocol):
     def open_session(self, call: HostCall, config: BFConfig) -> BackendSession:
         """A session for one call; nothing is changed on the pipeline before ``open``."""
         ...
+
+
+#: the number of people a backend serves when it does not declare ``max_people``
+DEFAULT_MAX_PEOPLE = 1
+
+
+def max_people(backend: Any) -> int:
+    """How many people ``backend`` serves in one call (``DEFAULT_MAX_PEOPLE`` when it does
+    not say: a backend written for one person is never handed two)."""
+    return int(getattr(backend, "max_people", DEFAULT_MAX_PEOPLE))

@@ -44,10 +44,13 @@ class Person:
     id_images: reference photos (paths, PIL images or arrays), or None for methods whose
         identity lives in a prompt trigger or in backend options.
     id_prompt: the person's placeholder prompt P_id; None takes the backend's default.
+    region: where this person's ID line may win in the fusion (``bf_core.regions``): a box
+        ``(x0, y0, x1, y1)`` in fractions of the image, a mask, or None for the whole frame.
     """
 
     id_images: Sequence[Any] | None = None
     id_prompt: str | None = None
+    region: Any = None
 
 
 @dataclass
@@ -143,11 +146,15 @@ class LoopRecord:
     """What the loop reports: decision maps per fused step, model-call counts, settings.
 
     fusion_maps: with ``keep_maps``, one bool (N, 1, h, w) map per fused step of where an
-    ID line won; fusion_steps: their step indices.
+    ID line won; fusion_lines: the same steps' int8 maps of which line won (0 semantic, j
+    person j); fusion_steps: their step indices. regions: each person's (h, w) bool region
+    on the latent grid, None for the whole frame.
     """
 
     keep_maps: bool
     fusion_maps: list[torch.Tensor] = field(default_factory=list)
+    fusion_lines: list[torch.Tensor] = field(default_factory=list)
+    regions: list[torch.Tensor | None] = field(default_factory=list)
     fusion_steps: list[int] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
@@ -160,10 +167,16 @@ class BeyondFacialPipelineOutput(BaseOutput):
     fusion_maps: with ``return_fusion_maps=True``, a bool tensor (S, N, 1, h, w) of where the
         ID line won at each of the S fused steps (latent resolution), else None.
     fusion_steps: the step indices of ``fusion_maps``.
+    fusion_lines: with ``return_fusion_maps=True``, an int8 tensor (S, N, 1, h, w) of which
+        line won (0 the semantic line, j person j), else None.
+    regions: each person's region in use, a (h, w) bool tensor on the latent grid, or None
+        for the whole frame; one entry per person.
     diagnostics: backend, thresholds, model-call counts, IdAP token selections.
     """
 
     images: Any
     fusion_maps: torch.Tensor | None = None
     fusion_steps: list[int] | None = None
+    fusion_lines: torch.Tensor | None = None
+    regions: list[torch.Tensor | None] | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)

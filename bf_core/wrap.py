@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from bf_core.config import BFConfig
@@ -31,7 +31,7 @@ from bf_core.errors import (
 
 CONCURRENCY_POLICIES = ("wait", "refuse")
 #: the keywords of the method itself, beside the pipeline's and the backend's own
-METHOD_KEYWORDS = ("config", "id_images", "id_prompt", "return_fusion_maps")
+METHOD_KEYWORDS = ("config", "id_images", "id_prompt", "people", "return_fusion_maps")
 
 class PipelineLock:
     """One pipeline's call lock, which knows the thread holding it: a call made from inside
@@ -82,6 +82,35 @@ def unknown_keyword_error(unknown: Iterable[str], valid: Iterable[str], where: s
                        f"{', '.join(valid)}")
 
 
+def call_people(people: Sequence[Any] | None, id_images: Any, id_prompt: str | None,
+                backend: Any) -> list[Any]:
+    """The call's people: ``people=`` as given, or the one person of ``id_images`` /
+    ``id_prompt`` (the whole frame). Checked against what the backend serves."""
+    from bf_core.protocols import max_people
+    from bf_core.records import Person
+    from bf_core.regions import check_region
+
+    if people is None:
+        return [Person(id_images, id_prompt)]
+    if id_images is not None or id_prompt is not None:
+        raise ConfigError("give either people=[Person(...), ...] or id_images=/id_prompt= (one "
+                          "person), not both; put each person's images and prompt in its Person")
+    if isinstance(people, (str, bytes)) or not isinstance(people, Sequence) or not people:
+        raise ConfigError(f"people must be a non-empty list of bf_core.Person, got {people!r:.60}")
+    for index, person in enumerate(people):
+        if not isinstance(person, Person):
+            raise ConfigError(f"people[{index}] must be a bf_core.Person, got "
+                              f"{type(person).__name__}")
+        if person.id_prompt is not None and not isinstance(person.id_prompt, str):
+            raise ConfigError(f"people[{index}].id_prompt must be a string or None")
+        check_region(person.region, index)
+    limit = max_people(backend)
+    if len(people) > limit:
+        raise ConfigError(f"the {backend.name} backend serves at most {limit} "
+                          f"{'person' if limit == 1 else 'people'} per call; got {len(people)}")
+    return list(people)
+
+
 def out_of_memory_error(exc: BaseException, batch_lines: bool) -> DeviceOutOfMemoryError:
     """What to lower when the device ran out of memory inside a call."""
     lines = ("BFConfig(batch_lines=False), which evaluates the lines one call each and so "
@@ -112,7 +141,8 @@ class BeyondFacialPipeline:
         self.concurrency = concurrency
 
     def __call__(self, *args: Any, config: BFConfig | None = None, id_images: Any = None,
-                 id_prompt: str | None = None, return_fusion_maps: bool = False, **kwargs: Any):
+                 id_prompt: str | None = None, people: Sequence[Any] | None = None,
+                 return_fusion_maps: bool = False, **kwargs: Any):
         config = self.config if config is None else config
         if not isinstance(config, BFConfig):
             raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
@@ -123,25 +153,25 @@ class BeyondFacialPipeline:
                               f"{type(id_prompt).__name__} {id_prompt!r:.60}")
         if not isinstance(return_fusion_maps, bool):
             raise ConfigError(f"return_fusion_maps must be True or False, got {return_fusion_maps!r}")
+        persons = call_people(people, id_images, id_prompt, self.backend)
         lock = pipeline_lock(self.pipe)
         lock.acquire(wait=self.concurrency == "wait", pipe=self.pipe)
         try:
-            return self._run(args, kwargs, config, id_images, id_prompt, return_fusion_maps)
+            return self._run(args, kwargs, config, persons, return_fusion_maps)
         finally:
             lock.release()
 
-    def _run(self, args: tuple, kwargs: dict[str, Any], config: BFConfig, id_images: Any,
-             id_prompt: str | None, return_fusion_maps: bool):
+    def _run(self, args: tuple, kwargs: dict[str, Any], config: BFConfig, persons: list,
+             return_fusion_maps: bool):
         import torch
 
         from bf_core import loop
-        from bf_core.records import Person
 
         try:
             with torch.no_grad():  # as the stock __call__
                 call = self.host.open_call(self.pipe, args, kwargs)
                 session = self.backend.open_session(call, config)
-                latents, record = loop.run(call, session, config, [Person(id_images, id_prompt)],
+                latents, record = loop.run(call, session, config, persons,
                                            keep_maps=return_fusion_maps)
                 return call.finish(latents, record, self.backend.name)
         except torch.OutOfMemoryError as exc:

@@ -82,6 +82,9 @@ class DreamBoothBackend:
     default_id_prompt = "a photo of sks person"
     hosts = (sdxl.HOST_NAME,)
     options = sdxl.ID_LINE_OPTIONS
+    #: people are told apart by their id_prompt; the LoRA rows switch per line kind, so any
+    #: number of ID lines shares one merged call
+    max_people = 4
 
     def recognizes(self, pipe: Any) -> bool:
         return sdxl.is_sdxl_pipeline(pipe) and not sdxl.has_ip_adapter(pipe)

@@ -260,6 +260,9 @@ class PhotoMakerBackend:
     default_id_prompt = f"a person {DEFAULT_TRIGGER_WORD}"
     hosts = (HOST_NAME,)
     options = OPTIONS
+    #: each person's ID-fused prompt embeddings are its own line's text conditioning and the
+    #: LoRA rows switch per line kind, so N people share one merged call
+    max_people = 4
 
     def __init__(self):
         self._face_analyzers: dict[tuple, Any] = {}

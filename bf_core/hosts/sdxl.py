@@ -725,9 +725,11 @@ class SDXLCall:
         if not self.arguments.return_dict:
             return (image,)
         maps = torch.stack(record.fusion_maps) if record.fusion_maps else None
+        lines = torch.stack(record.fusion_lines) if record.fusion_lines else None
         return BeyondFacialPipelineOutput(
             images=image, fusion_maps=maps,
             fusion_steps=record.fusion_steps if record.keep_maps else None,
+            fusion_lines=lines, regions=record.regions,
             diagnostics={"backend": backend, **record.diagnostics})
 
 

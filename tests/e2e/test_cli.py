@@ -125,3 +125,25 @@ def test_a_bad_dreambooth_lora_is_a_checkpoint_error_in_one_line(contents, tiny_
     message = lines[errors[0]:]
     assert message[0].startswith(f"error: {lora}: diffusers could not load it as an SDXL LoRA")
     assert message[1:] == [f"({cli.VERBOSE_HINT})"] and "Traceback" not in "\n".join(lines)
+
+
+def test_generate_draws_several_people_given_with_person(tmp_path, capsys):
+    out = tmp_path / "two"
+    code = cli.main(["generate", "--tiny", "--prompt", "two friends at a market", "--steps", "4",
+                     "--height", "64", "--width", "64", "--out", str(out),
+                     "--person", "prompt=a photo of sks woman;box=0,0,0.5,1",
+                     "--person", "prompt=a photo of sks man;box=0.5,0,1,1"])
+    assert code == 0, capsys.readouterr().err
+    settings = json.loads((out / "image_settings.json").read_text())
+    assert [p["id_prompt"] for p in settings["people"]] == ["a photo of sks woman",
+                                                            "a photo of sks man"]
+    assert settings["people"][1]["region"] == [0.5, 0.0, 1.0, 1.0]
+    assert (out / "image_seed0_0_fusion.png").is_file()
+
+
+@pytest.mark.parametrize("spec", ["prompt", "box=0,0,1", "colour=red"])
+def test_a_malformed_person_is_refused_by_argparse(spec, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--tiny", "--prompt", "x", "--out", str(tmp_path), "--person", spec])
+    err = capsys.readouterr().err
+    assert "argument --person" in err and ("a person is" in err or "four numbers" in err)
