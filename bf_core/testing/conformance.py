@@ -119,6 +119,52 @@ class BackendConformance:
             assert merged.diagnostics["model_calls"] == self.steps  # one call per step
         assert torch.equal(merged.images, separate.images)
 
+    # -- several people ----------------------------------------------------------------------
+    def split_identity(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``identity_kwargs`` as (one ``Person``'s fields, the other call keywords)."""
+        kwargs = self.identity_kwargs()
+        person = {k: kwargs.pop(k) for k in ("id_images", "id_prompt") if k in kwargs}
+        return person, kwargs
+
+    def test_one_person_on_the_whole_frame_equals_the_single_person_call(self):
+        from bf_core.records import Person
+
+        pipe = self.make_pipeline()
+        person, options = self.split_identity()
+        single = self.wrapped(pipe)(**self.common_kwargs(), **self.identity_kwargs(),
+                                    return_fusion_maps=True)
+        as_people = self.wrapped(pipe)(**self.common_kwargs(), **options,
+                                       people=[Person(**person, region=(0.0, 0.0, 1.0, 1.0))],
+                                       return_fusion_maps=True)
+        np.testing.assert_array_equal(as_people.images, single.images)
+        assert torch.equal(as_people.fusion_maps, single.fusion_maps)
+
+    def test_several_people_win_only_in_their_regions(self):
+        """Two people in the left and right halves (backends declaring ``max_people`` >= 2):
+        ID line j wins nowhere outside its half, and merged calls equal separate ones."""
+        import pytest
+
+        from bf_core.protocols import max_people
+        from bf_core.records import Person
+
+        pipe = self.make_pipeline()
+        bf = self.wrapped(pipe)
+        if max_people(bf.backend) < 2:
+            pytest.skip(f"the {self.backend_name} backend serves one person")
+        person, options = self.split_identity()
+        people = [Person(**person, region=(0.0, 0.0, 0.5, 1.0)),
+                  Person(**person, region=(0.5, 0.0, 1.0, 1.0))]
+        result = bf(**self.common_kwargs(), **options, people=people, return_fusion_maps=True)
+        left, right = result.regions
+        assert not (result.fusion_lines[..., ~left] == 1).any()
+        assert not (result.fusion_lines[..., ~right] == 2).any()
+        with batch_invariant_kernels():
+            merged = self.wrapped(pipe)(**self.common_kwargs(output_type="latent"), **options,
+                                        people=people)
+            separate = self.wrapped(pipe, batch_lines=False)(
+                **self.common_kwargs(output_type="latent"), **options, people=people)
+        assert torch.equal(merged.images, separate.images)
+
     def test_state_restored_after_call(self):
         pipe = self.make_pipeline()
         before_images = self.run_stock(pipe)
