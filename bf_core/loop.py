@@ -300,7 +300,8 @@ def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: 
     lines = active_lines(plan, step.index, cfg)
     sample = host.model_input(latents, step, cfg)
     batches = [host.rows(active.line, active.inputs, sample, step, cfg,
-                         shares_negative=active.shares_negative) for active in lines]
+                         shares_negative=active.shares_negative, line_index=active.index)
+               for active in lines]
     outputs, calls = evaluate(host, session, batches, config.batch_lines)
     record.diagnostics["model_calls"] += calls
     record.diagnostics["model_rows"] += sum(batch.rows for batch in batches)

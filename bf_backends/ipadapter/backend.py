@@ -113,6 +113,10 @@ class IPAdapterSession(SDXLSession):
         self.variants = detect_variants(self.pipe)  # named errors for a mismatched image encoder
         self.encoder = IPAdapterIdentityEncoder(self)
         self.image_embeds: list[torch.Tensor] = []
+        # Each person's identity, in the order of their ID lines (line j is person j): its
+        # image embeds and FaceID-Plus CLIP state go to that line's rows only.
+        self._people: dict[int, Identity] = {}
+        self._semantic_identity: Identity | None = None
         self.switches: IPAdapterSwitches | None = None
         self._faceid_row_mask: RowMaskedLoRA | None = None
         self._modules_row_switchable: bool | None = None
@@ -131,10 +135,22 @@ class IPAdapterSession(SDXLSession):
         restore.callback(self._faceid_row_mask.close)
 
     def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
-        # Every line's UNet call gets the identity's image embeds: the baseline's at the
-        # caller's scales, the semantic line's with the IP branch switched off.
-        self.image_embeds = identity.state["image_embeds"]
+        # Every line's UNet call gets image embeds: the baseline's at the caller's scales, the
+        # semantic line's (the first person's) with the IP branch switched off, and each ID
+        # line its own person's.
+        if line is Line.ID:
+            self._people.setdefault(id(identity), identity)
+        else:
+            self._semantic_identity = identity
+            self.image_embeds = identity.state["image_embeds"]
         return super().conditioning(line, identity)
+
+    def _identity_of(self, batch: RowBatch) -> Identity | None:
+        """The identity whose state a one-line batch's rows get."""
+        people = list(self._people.values())
+        if batch.line is Line.ID and 0 < batch.line_index <= len(people):
+            return people[batch.line_index - 1]
+        return self._semantic_identity
 
     @contextmanager
     def line_state(self, line: Line) -> Iterator[None]:
@@ -191,22 +207,43 @@ class IPAdapterSession(SDXLSession):
         A merged batch gets each part's rows concatenated, matching its image embeds row
         for row; the projection reads the whole tensor, so every row must be present.
         """
-        plus_layers = [layer for layer in self.layers
-                       if is_faceid_plus_layer(layer) and layer.clip_embeds is not None]
-        saved = [layer.clip_embeds for layer in plus_layers]
+        plus_layers = [(k, layer) for k, layer in
+                       enumerate(layer for layer in self.layers if is_faceid_plus_layer(layer))
+                       if layer.clip_embeds is not None]
+        saved = [layer.clip_embeds for _, layer in plus_layers]
+        parts = batch.parts or (batch,)
         try:
-            for layer in plus_layers:
-                layer.clip_embeds = cfg_rows(layer.clip_embeds, batch, self.request.do_cfg)
+            for (k, layer), current in zip(plus_layers, saved, strict=True):
+                layer.clip_embeds = torch.cat([
+                    cfg_rows(self._state_clip_embeds(part, k, current), part, self.request.do_cfg)
+                    for part in parts])
             yield
         finally:
-            for layer, clip_embeds in zip(plus_layers, saved, strict=True):
+            for (_, layer), clip_embeds in zip(plus_layers, saved, strict=True):
                 layer.clip_embeds = clip_embeds
+
+    def _state_clip_embeds(self, part: RowBatch, k: int, current: torch.Tensor) -> torch.Tensor:
+        """FaceID-Plus layer ``k``'s CLIP state for ``part``'s person (the module's own when
+        the identity carries none)."""
+        identity = self._identity_of(part)
+        kept = identity.state.get("clip_embeds") if identity is not None else None
+        return kept[k] if kept and kept[k] is not None else current
+
+    def _image_embeds_for(self, batch: RowBatch) -> list[torch.Tensor]:
+        """Per adapter, the image embeds of every row of ``batch``: each part its person's."""
+        parts, do_cfg = batch.parts or (batch,), self.request.do_cfg
+        per_part = []
+        for part in parts:
+            identity = self._identity_of(part)
+            embeds = identity.state["image_embeds"] if identity is not None else self.image_embeds
+            per_part.append([cfg_rows(tensor, part, do_cfg) for tensor in embeds])
+        return [torch.cat(rows) if len(rows) > 1 else rows[0]
+                for rows in zip(*per_part, strict=True)]
 
     def forward(self, batch: RowBatch, model: SDXLModel) -> torch.Tensor:
         """The UNet output for ``batch`` with the image embeds (and FaceID-Plus
         ``clip_embeds``) cut to its rows, under whatever line state is current."""
-        do_cfg = self.request.do_cfg
-        image_embeds = [cfg_rows(embeds, batch, do_cfg) for embeds in self.image_embeds]
+        image_embeds = self._image_embeds_for(batch)
         with self._faceid_plus_rows(batch):
             return model(batch, added_cond={"image_embeds": image_embeds})
 
@@ -242,6 +279,8 @@ class IPAdapterBackend:
     default_id_prompt = "a person"
     hosts = (sdxl.HOST_NAME,)
     options = OPTIONS
+    #: each person's image embeds (and FaceID-Plus CLIP state) go to its own line's rows
+    max_people = 4
 
     def __init__(self) -> None:
         self._analyzers: dict[tuple, Any] = {}

@@ -448,8 +448,13 @@ class IPAdapterIdentityEncoder:
         negative = None
         if session.request.do_cfg:
             negative, tokens = tokens.chunk(2)
+        # FaceID-Plus keeps its CLIP state on the module; each person's is kept here, so that
+        # several people's rows can each get their own.
+        clip_embeds = [layer.clip_embeds for layer in session.layers
+                       if is_faceid_plus_layer(layer)]
         return Identity(person.id_prompt or session.backend.default_id_prompt, tokens, negative,
-                        state={"image_embeds": embeds, "variants": session.variants})
+                        state={"image_embeds": embeds, "variants": session.variants,
+                               "clip_embeds": clip_embeds})
 
     def identity_source(self, person: Person) -> str:
         """The one identity input given: ``id_images``, ``ip_adapter_image`` or

@@ -91,9 +91,11 @@ class HostCall(Protocol):
         ...
 
     def rows(self, line: Line, inputs: LineInputs, sample: torch.Tensor, step: Step, cfg: bool,
-             shares_negative: bool) -> RowBatchLike:
+             shares_negative: bool, line_index: int = 0) -> RowBatchLike:
         """The rows a line evaluates at ``step``: both CFG branches, or only the positive one
-        when CFG is off or the line shares the semantic line's negative rows."""
+        when CFG is off or the line shares the semantic line's negative rows. ``line_index``:
+        the line's place in the call (0 the semantic line, j person j's ID line), kept on the
+        rows so that a backend can give each person's rows that person's identity state."""
         ...
 
     def merge(self, batches: list[RowBatchLike]) -> RowBatchLike:

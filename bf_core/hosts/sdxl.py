@@ -192,6 +192,7 @@ class RowBatch:
         block of a one-line batch holds ``rows_per_branch`` rows.
     encoder_hidden_states, text_embeds, time_ids: the concatenated conditioning.
     encoder_attention_mask: (R, L) 1/0 when rows of different context lengths were padded.
+    line_index: which line of the call the rows belong to (one-line batches).
     """
 
     line: Line | None
@@ -206,6 +207,7 @@ class RowBatch:
     cross_attention_kwargs: dict[str, Any] | None = None
     parts: tuple[RowBatch, ...] = ()
     encoder_attention_mask: torch.Tensor | None = None
+    line_index: int = 0  # 0 the semantic (or baseline) line, j person j's ID line
 
     @property
     def rows(self) -> int:
@@ -629,7 +631,7 @@ class SDXLCall:
         return self.pipe.scheduler.scale_model_input(sample, step.timestep)
 
     def rows(self, line: Line, inputs: LineTensors, sample: torch.Tensor, step: Step, cfg: bool,
-             shares_negative: bool) -> RowBatch:
+             shares_negative: bool, line_index: int = 0) -> RowBatch:
         current = inputs.cond_half() if self.request.do_cfg and not cfg else inputs
         if line is not Line.ID:
             current = self._semantic_with_overrides(current)
@@ -639,7 +641,7 @@ class SDXLCall:
             branches = POSITIVE_ONLY
         return RowBatch(line, step.index, step.timestep, sample, branches, current.embeds,
                         current.text_embeds, current.time_ids, self.timestep_cond,
-                        self.pipe.cross_attention_kwargs)
+                        self.pipe.cross_attention_kwargs, line_index=line_index)
 
     def _semantic_with_overrides(self, current: LineTensors) -> LineTensors:
         """A callback's returned ``prompt_embeds`` / ``add_text_embeds`` / ``add_time_ids``
