@@ -92,8 +92,8 @@ def attention_config_for(base: PuLIDAttentionConfig,
 
 
 class PuLIDSession(SDXLSession):
-    """One call: the ID embeddings of its identity, and the ID attention state of each
-    line's UNet rows. One person per call: the lines share the identity they were given."""
+    """One call: the ID embeddings of its people, and the ID attention state of each line's
+    UNet rows. The semantic (or baseline) line has the first person's; ID line j person j's."""
 
     def __init__(self, backend: Any, call: HostCall, config: BFConfig):
         super().__init__(backend, call, config)
@@ -106,6 +106,8 @@ class PuLIDSession(SDXLSession):
             photos_required=config.enabled, device=self.request.device,
             dtype=self.pipe.unet.dtype)
         self._embeddings: Embeddings | None = None
+        # Each person's ID embeddings, in the order of their ID lines (line j is person j).
+        self._people: dict[int, Embeddings | None] = {}
         self._scene_with_id: LineConditioning | None = None
         self._merged_cache: tuple[tuple[RowBatch, ...], MergedEmbedding | None] = ((), None)
 
@@ -138,9 +140,12 @@ class PuLIDSession(SDXLSession):
         return "" if given is None and no_embeds else given
 
     def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
-        self._embeddings = identity_embeddings(identity)
         if line is Line.ID:
+            self._people.setdefault(id(identity), identity_embeddings(identity))
+            if self._embeddings is None:
+                self._embeddings = self._people[id(identity)]
             return self.id_text(identity.id_prompt)
+        self._embeddings = identity_embeddings(identity)
         if self._id_off(line):
             return self.scene_text()
         return self.scene_text_with_id()
@@ -185,8 +190,15 @@ class PuLIDSession(SDXLSession):
 
     def line_rows_embedding(self, batch: RowBatch
                             ) -> tuple[torch.Tensor, PuLIDAttentionConfig] | None:
-        """``rows_embedding`` of a one-line batch, or None where its line has the ID off."""
-        embeddings = None if self._id_off(batch.line) else self._embeddings
+        """``rows_embedding`` of a one-line batch (its person's ID embeddings), or None where
+        its line has the ID off."""
+        people = list(self._people.values())
+        if self._id_off(batch.line):
+            embeddings = None
+        elif batch.line is Line.ID and 0 < batch.line_index <= len(people):
+            embeddings = people[batch.line_index - 1]
+        else:
+            embeddings = self._embeddings
         if embeddings is None:
             return None
         return self.rows_embedding(batch, *embeddings)
@@ -308,6 +320,8 @@ class PuLIDBackend:
     default_id_prompt = "a person"
     hosts = (HOST_NAME,)
     options = OPTIONS
+    #: each person's ID embeddings go to its own ID line's rows
+    max_people = 4
 
     def recognizes(self, pipe: Any) -> bool:
         adapter = getattr(pipe, PULID_ATTRIBUTE, None)
