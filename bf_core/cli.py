@@ -441,9 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "seed", None) is None and args.command == "generate":
             args.seed = [0]
         return args.func(args)
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except Exception as exc:
+    except Exception as exc:  # SystemExit and KeyboardInterrupt are not Exceptions: they pass
         if verbose:
             raise
         return report_error(exc)

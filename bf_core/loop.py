@@ -355,8 +355,7 @@ def run(host: HostCall, session: BackendSession, config: BFConfig, people: Seque
         latents = denoise(host, session, plan, config, record)
     if keep_maps:
         record.diagnostics["fusion_steps"] = record.fusion_steps
-    height, width = latents.shape[-2:]
-    masks = latent_regions(plan.regions, height, width)
+    masks = plan.region_masks(*latents.shape[-2:], latents.device)  # the fusion's, cached
     record.regions = [None if mask is None else mask[0, 0].cpu()
                       for mask in (masks or [None] * len(people))]
     return latents, record

@@ -33,6 +33,7 @@ CONCURRENCY_POLICIES = ("wait", "refuse")
 #: the keywords of the method itself, beside the pipeline's and the backend's own
 METHOD_KEYWORDS = ("config", "id_images", "id_prompt", "people", "return_fusion_maps")
 
+
 class PipelineLock:
     """One pipeline's call lock, which knows the thread holding it: a call made from inside
     a running call on the same pipeline (a callback, say) is refused, not deadlocked."""

@@ -112,11 +112,6 @@ class IPAdapterSession(SDXLSession):
                                            f"{backend.recognizes_description}")
         self.variants = detect_variants(self.pipe)  # named errors for a mismatched image encoder
         self.encoder = IPAdapterIdentityEncoder(self)
-        self.image_embeds: list[torch.Tensor] = []
-        # Each person's identity, in the order of their ID lines (line j is person j): its
-        # image embeds and FaceID-Plus CLIP state go to that line's rows only.
-        self._people: dict[int, Identity] = {}
-        self._semantic_identity: Identity | None = None
         self.switches: IPAdapterSwitches | None = None
         self._faceid_row_mask: RowMaskedLoRA | None = None
         self._modules_row_switchable: bool | None = None
@@ -135,22 +130,11 @@ class IPAdapterSession(SDXLSession):
         restore.callback(self._faceid_row_mask.close)
 
     def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
-        # Every line's UNet call gets image embeds: the baseline's at the caller's scales, the
-        # semantic line's (the first person's) with the IP branch switched off, and each ID
-        # line its own person's.
-        if line is Line.ID:
-            self._people.setdefault(id(identity), identity)
-        else:
-            self._semantic_identity = identity
-            self.image_embeds = identity.state["image_embeds"]
+        # Every line's UNet call gets image embeds (``line_identities``): the baseline's at the
+        # caller's scales, the semantic line's (the first person's) with the IP branch
+        # switched off, and each ID line its own person's.
+        self.line_identities.note(line, identity)
         return super().conditioning(line, identity)
-
-    def _identity_of(self, batch: RowBatch) -> Identity | None:
-        """The identity whose state a one-line batch's rows get."""
-        people = list(self._people.values())
-        if batch.line is Line.ID and 0 < batch.line_index <= len(people):
-            return people[batch.line_index - 1]
-        return self._semantic_identity
 
     @contextmanager
     def line_state(self, line: Line) -> Iterator[None]:
@@ -225,7 +209,7 @@ class IPAdapterSession(SDXLSession):
     def _state_clip_embeds(self, part: RowBatch, k: int, current: torch.Tensor) -> torch.Tensor:
         """FaceID-Plus layer ``k``'s CLIP state for ``part``'s person (the module's own when
         the identity carries none)."""
-        identity = self._identity_of(part)
+        identity = self.line_identities.of(part)
         kept = identity.state.get("clip_embeds") if identity is not None else None
         return kept[k] if kept and kept[k] is not None else current
 
@@ -234,8 +218,8 @@ class IPAdapterSession(SDXLSession):
         parts, do_cfg = batch.parts or (batch,), self.request.do_cfg
         per_part = []
         for part in parts:
-            identity = self._identity_of(part)
-            embeds = identity.state["image_embeds"] if identity is not None else self.image_embeds
+            identity = self.line_identities.of(part)
+            embeds = identity.state["image_embeds"] if identity is not None else []
             per_part.append([cfg_rows(tensor, part, do_cfg) for tensor in embeds])
         return [torch.cat(rows) if len(rows) > 1 else rows[0]
                 for rows in zip(*per_part, strict=True)]

@@ -105,9 +105,6 @@ class PuLIDSession(SDXLSession):
             self.adapter, default_id_prompt=backend.default_id_prompt, id_mix=self.id_mix,
             photos_required=config.enabled, device=self.request.device,
             dtype=self.pipe.unet.dtype)
-        self._embeddings: Embeddings | None = None
-        # Each person's ID embeddings, in the order of their ID lines (line j is person j).
-        self._people: dict[int, Embeddings | None] = {}
         self._scene_with_id: LineConditioning | None = None
         self._merged_cache: tuple[tuple[RowBatch, ...], MergedEmbedding | None] = ((), None)
 
@@ -123,10 +120,13 @@ class PuLIDSession(SDXLSession):
 
         restore.callback(put_back)
 
-    def id_embeddings(self) -> Embeddings | None:
-        """(E, E_neg), each (1, T, context width) float32, of the identity the lines were
-        given (``conditioning``), or None without reference photos."""
-        return self._embeddings
+    def id_embeddings(self, batch: RowBatch | None = None) -> Embeddings | None:
+        """(E, E_neg), each (1, T, context width) float32: of the person whose rows ``batch``
+        holds (``line_identities``), or of the semantic line's (the first person) without a
+        batch; None without reference photos."""
+        identity = (self.line_identities.first if batch is None
+                    else self.line_identities.of(batch))
+        return None if identity is None else identity_embeddings(identity)
 
     def _id_off(self, line: Line) -> bool:
         return line is Line.SEMANTIC and self.config.semantic_adapters == "off"
@@ -140,12 +140,9 @@ class PuLIDSession(SDXLSession):
         return "" if given is None and no_embeds else given
 
     def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
+        self.line_identities.note(line, identity)
         if line is Line.ID:
-            self._people.setdefault(id(identity), identity_embeddings(identity))
-            if self._embeddings is None:
-                self._embeddings = self._people[id(identity)]
             return self.id_text(identity.id_prompt)
-        self._embeddings = identity_embeddings(identity)
         if self._id_off(line):
             return self.scene_text()
         return self.scene_text_with_id()
@@ -192,13 +189,7 @@ class PuLIDSession(SDXLSession):
                             ) -> tuple[torch.Tensor, PuLIDAttentionConfig] | None:
         """``rows_embedding`` of a one-line batch (its person's ID embeddings), or None where
         its line has the ID off."""
-        people = list(self._people.values())
-        if self._id_off(batch.line):
-            embeddings = None
-        elif batch.line is Line.ID and 0 < batch.line_index <= len(people):
-            embeddings = people[batch.line_index - 1]
-        else:
-            embeddings = self._embeddings
+        embeddings = None if self._id_off(batch.line) else self.id_embeddings(batch)
         if embeddings is None:
             return None
         return self.rows_embedding(batch, *embeddings)
@@ -294,7 +285,7 @@ class PuLIDSession(SDXLSession):
         if "id_embedding" in call_kwargs or "id_scale" in call_kwargs:
             return False
         off = [self._id_off(line) for line in batch.lines]
-        if any(off) and not all(off) and self._embeddings is not None \
+        if any(off) and not all(off) and self.id_embeddings() is not None \
                 and not exact_text_fallback(self.adapter.attention):
             return False
         try:

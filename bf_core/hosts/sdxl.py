@@ -840,6 +840,39 @@ class PromptIdentityEncoder:
                         negative_tokens=text.negative_prompt_embeds)
 
 
+class LineIdentities:
+    """Which person's identity each line's rows carry, for a backend that holds identity
+    state per person (image embeds, ID embeddings) rather than in a line's text.
+
+    The semantic (or baseline) line carries the first person's; ID line j person j's, found
+    from the rows' ``RowBatch.line_index``. Filled from ``conditioning``, which the loop asks
+    for the semantic line first, then for each person's ID line in the people's order.
+    """
+
+    def __init__(self) -> None:
+        self.semantic: Identity | None = None
+        self._people: dict[int, Identity] = {}  # by id(): an Identity is not hashable
+
+    def note(self, line: Line, identity: Identity) -> None:
+        """Record that ``line`` was conditioned on ``identity``."""
+        if line is Line.ID:
+            self._people.setdefault(id(identity), identity)
+        else:
+            self.semantic = identity
+
+    @property
+    def first(self) -> Identity | None:
+        """The semantic line's identity, else the first person's."""
+        return self.semantic or next(iter(self._people.values()), None)
+
+    def of(self, batch: RowBatch) -> Identity | None:
+        """The identity of a one-line batch's rows."""
+        people = list(self._people.values())
+        if batch.line is Line.ID and 0 < batch.line_index <= len(people):
+            return people[batch.line_index - 1]
+        return self.first
+
+
 class SDXLSession:
     """A ``BackendSession`` with the SDXL defaults: a prompt identity, text conditioning as the
     stock pipeline encodes it, no machinery to switch, the stock UNet call.
@@ -853,6 +886,7 @@ class SDXLSession:
         self.pipe, self.request = call.pipe, call.request
         self.encoder: IdentityEncoder = PromptIdentityEncoder(self)
         self._texts: dict[tuple[Line, str | None], LineConditioning] = {}
+        self.line_identities = LineIdentities()
 
     # -- BackendSession --------------------------------------------------------------------------
     def open(self, restore: ExitStack) -> None:

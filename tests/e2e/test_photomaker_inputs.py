@@ -8,7 +8,6 @@ prompt embedding it is given.
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import numpy as np
@@ -31,6 +30,7 @@ from bf_core.errors import CheckpointError, ConfigError, FaceNotFoundError, Imag
 from bf_core.faces import FaceAnalyzer
 from bf_core.testing import pipeline_fingerprint, tiny_sdxl_pipeline
 from bf_core.testing.faces import make_random_insightface_pack
+from bf_core.testing.faults import RunsCodeWhenUnpickled
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -112,21 +112,11 @@ def test_a_foreign_checkpoint_says_what_it_looks_like(tmp_path):
         load_photomaker(tiny_sdxl_pipeline(), path)
 
 
-class _RunsCode:
-    """Unpickling this calls ``os.system``: what a malicious .bin would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"echo pwned > {self.marker}",))
-
-
 def test_a_malicious_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "photomaker-v2.bin"
     with open(path, "wb") as handle:
-        pickle.dump({"id_encoder": _RunsCode(marker), "lora_weights": {}}, handle)
+        pickle.dump({"id_encoder": RunsCodeWhenUnpickled(marker), "lora_weights": {}}, handle)
     with pytest.raises(CheckpointError):
         load_photomaker(tiny_sdxl_pipeline(), path)
     assert not marker.exists()

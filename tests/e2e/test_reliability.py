@@ -25,6 +25,7 @@ from bf_core.errors import (
 )
 from bf_core.plugins import get_registry
 from bf_core.testing import add_tiny_lora, pipeline_fingerprint, tiny_sdxl_pipeline
+from bf_core.testing.faults import nan_in_lora_after, nan_out_of, out_of_memory_in
 
 BACKENDS = ("dreambooth", "photomaker", "ipadapter", "instantid", "pulid")
 STEPS = 5
@@ -150,22 +151,6 @@ def test_concurrency_policy_is_checked():
 
 
 # -- 2. NaN per line ----------------------------------------------------------------------------
-def _poison_identity_lora_at(pipe, step: int, planted: list):
-    """A step callback that writes one NaN into the identity LoRA after ``step``: from the
-    next step on only the ID line (the LoRA's line) turns non-finite. ``planted`` gets the
-    weight and its old value, to undo it."""
-
-    def callback(p, i, t, kwargs):
-        if i == step:
-            weight = next(w for n, w in pipe.unet.named_parameters()
-                          if "lora_B" in n and "identity" in n)
-            planted.append((weight, weight.data.view(-1)[0].item()))
-            weight.data.view(-1)[0] = float("nan")
-        return kwargs
-
-    return callback
-
-
 @pytest.mark.parametrize("batch_lines", [True, False], ids=["merged", "separate"])
 def test_nan_in_the_id_line_only_stops_the_call_at_its_step_naming_the_line(batch_lines,
                                                                              one_thread):
@@ -173,31 +158,26 @@ def test_nan_in_the_id_line_only_stops_the_call_at_its_step_naming_the_line(batc
     bf = bf_core.wrap(pipe, config=bf_core.BFConfig(batch_lines=batch_lines))
     bf(**id_kwargs())
     before = pipeline_fingerprint(pipe)
-    fault, planted = 2, []
-    with pytest.raises(NonFiniteError) as info:
-        bf(**id_kwargs(), callback_on_step_end=_poison_identity_lora_at(pipe, fault, planted))
+    fault = 2
+    # The planted NaN is undone when the block ends; the rest must be as it was.
+    with nan_in_lora_after(pipe, fault) as poison, pytest.raises(NonFiniteError) as info:
+        bf(**id_kwargs(), callback_on_step_end=poison)
     message = str(info.value)
     # Named: the ID line (not the semantic one), the step the fault began, found at once on CPU.
     assert f"the ID line's prediction holds NaN or infinity from step {fault + 1} on" in message
     assert f"found by step {fault + 1}" in message
     assert "identity machinery" in message
-    (weight, value), = planted
-    weight.data.view(-1)[0] = value  # undo the test's own NaN; the rest must be as it was
     assert pipeline_fingerprint(pipe) == before
 
 
 def test_nan_from_the_vae_is_refused_instead_of_a_black_image(one_thread):
     pipe = fresh_lora_pipe()
     bf = bf_core.wrap(pipe)
-    handle = pipe.vae.decoder.register_forward_hook(
-        lambda module, args, output: torch.full_like(output, float("nan")))
-    try:
+    with nan_out_of(pipe.vae.decoder):
         with pytest.raises(NonFiniteError, match="VAE decoded NaN"):
             bf(**id_kwargs())
         with pytest.raises(NonFiniteError, match="VAE decoded NaN"):
             bf(**id_kwargs(), config=bf_core.BFConfig(enabled=False))
-    finally:
-        handle.remove()
     assert np.isfinite(bf(**id_kwargs()).images).all()
 
 
@@ -244,31 +224,18 @@ def test_out_of_memory_inside_a_call_is_named_with_advice_and_state_is_restored(
     bf = bf_core.wrap(pipe)
     bf(**id_kwargs())
     before = pipeline_fingerprint(pipe)
-    calls = []
-
-    def run_out(module, args, kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # mid-loop, with the ID line's adapters switched on
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    handle = pipe.unet.register_forward_pre_hook(run_out, with_kwargs=True)
-    try:
-        with pytest.raises(DeviceOutOfMemoryError) as info:
-            bf(**id_kwargs())
-    finally:
-        handle.remove()
+    # The third UNet call is mid-loop, with the ID line's adapters switched on.
+    with out_of_memory_in(pipe.unet, at_call=3), \
+            pytest.raises(DeviceOutOfMemoryError) as info:
+        bf(**id_kwargs())
     message = str(info.value)
     assert "batch_lines=False" in message and "enable_model_cpu_offload" in message
     assert "smaller height and width" in message
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert pipeline_fingerprint(pipe) == before
-    with pytest.raises(DeviceOutOfMemoryError) as separate:
-        handle = pipe.unet.register_forward_pre_hook(run_out, with_kwargs=True)
-        calls.clear()
-        try:
-            bf(**id_kwargs(), config=bf_core.BFConfig(batch_lines=False))
-        finally:
-            handle.remove()
+    with out_of_memory_in(pipe.unet, at_call=3), \
+            pytest.raises(DeviceOutOfMemoryError) as separate:
+        bf(**id_kwargs(), config=bf_core.BFConfig(batch_lines=False))
     assert "batch_lines=False" not in str(separate.value)  # already separate: not advised
 
 

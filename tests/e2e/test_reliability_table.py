@@ -6,7 +6,6 @@ fragment the message must hold. The table and ``CASES`` must have the same rows.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import threading
@@ -22,6 +21,12 @@ from bf_core import errors, faces, plugins
 from bf_core.config import BFConfig, IdAFConfig, IdAPConfig
 from bf_core.images import load_images
 from bf_core.testing import add_tiny_lora, tiny_sdxl_pipeline
+from bf_core.testing.faults import (
+    RunsCodeWhenUnpickled,
+    nan_in_lora_after,
+    nan_out_of,
+    out_of_memory_in,
+)
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "reliability.md"
@@ -50,19 +55,11 @@ def call(bf, **overrides):
 
 
 # -- cases needing a little set-up --------------------------------------------------------------
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"echo pwned > {self.marker}",))
-
-
 def malicious_pickle(tmp):
     from bf_core.checkpoints import load_state_dict_file
 
     marker, path = tmp / "pwned", tmp / "model.bin"
-    path.write_bytes(pickle.dumps({"weight": _RunsCode(marker)}))
+    path.write_bytes(pickle.dumps({"weight": RunsCodeWhenUnpickled(marker)}))
     try:
         load_state_dict_file(path)
     finally:
@@ -134,29 +131,13 @@ def several_faces(tmp):
 
 
 def nan_in_id_line(bf):
-    def poison(pipe, i, t, kwargs):
-        if i == 1:
-            weight = next(w for n, w in pipe.unet.named_parameters()
-                          if "lora_B" in n and "identity" in n)
-            saved.append((weight, weight.data.view(-1)[0].item()))
-            weight.data.view(-1)[0] = float("nan")
-        return kwargs
-
-    saved = []
-    try:
+    with nan_in_lora_after(bf.pipe, step=1) as poison:
         call(bf, callback_on_step_end=poison)
-    finally:
-        for weight, value in saved:
-            weight.data.view(-1)[0] = value
 
 
 def nan_from_vae(bf):
-    handle = bf.pipe.vae.decoder.register_forward_hook(
-        lambda module, args, output: torch.full_like(output, float("nan")))
-    try:
+    with nan_out_of(bf.pipe.vae.decoder):
         call(bf)
-    finally:
-        handle.remove()
 
 
 def concurrent_refused(bf):
@@ -194,14 +175,8 @@ def reentrant(bf):
 
 
 def out_of_memory(bf):
-    def run_out(module, args, kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    handle = bf.pipe.unet.register_forward_pre_hook(run_out, with_kwargs=True)
-    try:
+    with out_of_memory_in(bf.pipe.unet):
         call(bf)
-    finally:
-        handle.remove()
 
 
 class _Raises:
