@@ -57,6 +57,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--share-negative", action="store_true")
     group.add_argument("--no-batch-lines", action="store_true",
                        help="one UNet call per line instead of one row-masked call for both")
+    group.add_argument("--idap-people", choices=("all", "none"), default="all",
+                       help="several people: prepend every person's IdAP tokens, or none")
+    group.add_argument("--auto-region-scale", type=float, default=2.5,
+                       help="box=auto: the face found in the preview, scaled by this")
+    group.add_argument("--auto-region-fallback", choices=("bands", "error"), default="bands",
+                       help="box=auto with too few faces: vertical bands, or an error")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -72,7 +78,9 @@ def config_from_args(args: argparse.Namespace):
                         temperature=args.idap_temperature, negative=args.idap_negative,
                         query_file=args.idap_query_file),
         semantic_adapters=args.semantic_adapters, share_negative=args.share_negative,
-        batch_lines=not args.no_batch_lines)
+        batch_lines=not args.no_batch_lines, idap_people=args.idap_people,
+        auto_region_scale=args.auto_region_scale,
+        auto_region_fallback=args.auto_region_fallback)
 
 
 def _versions() -> dict[str, str | None]:
@@ -158,21 +166,30 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+PERSON_FORM = "'prompt=...;box=x0,y0,x1,y1|auto;mask=path;image=path'"
+
+
 def parse_person(spec: str):
-    """``--person``: 'prompt=...;box=x0,y0,x1,y1;image=path' as a ``bf_core.Person``."""
+    """``--person``: 'prompt=...;box=x0,y0,x1,y1 (or box=auto);mask=path;image=path' as a
+    ``bf_core.Person``; a mask is an image file, read when the person is used."""
     from bf_core.records import Person
 
     fields: dict[str, Any] = {"id_images": []}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in ("prompt", "box", "image"):
-            raise argparse.ArgumentTypeError(
-                f"{part!r}: a person is 'prompt=...;box=x0,y0,x1,y1;image=path'")
+        if not sep or key not in ("prompt", "box", "mask", "image"):
+            raise argparse.ArgumentTypeError(f"{part!r}: a person is {PERSON_FORM}")
+        if "region" in fields and key in ("box", "mask"):
+            raise argparse.ArgumentTypeError(f"{spec!r}: give one box= or mask= per person")
         if key == "prompt":
             fields["id_prompt"] = value.strip()
         elif key == "image":
             fields["id_images"].append(value.strip())
+        elif key == "mask":
+            fields["region"] = _mask_file(value.strip())
+        elif value.strip() == "auto":
+            fields["region"] = "auto"
         else:
             try:
                 box = tuple(float(v) for v in value.split(","))
@@ -185,8 +202,21 @@ def parse_person(spec: str):
     return Person(**fields)
 
 
+def _mask_file(path: str):
+    """A region mask read from an image file (greyscale; white is inside)."""
+    from bf_core.images import load_image
+
+    try:
+        return load_image(path).convert("L")
+    except Exception as exc:  # noqa: BLE001 - argparse shows one line naming the file
+        raise argparse.ArgumentTypeError(f"mask={path!r}: {exc}") from exc
+
+
 def _person_settings(person) -> dict[str, Any]:
-    return {"id_prompt": person.id_prompt, "region": person.region,
+    region = person.region
+    if hasattr(region, "size") and hasattr(region, "convert"):
+        region = f"mask {region.size[0]}x{region.size[1]}"
+    return {"id_prompt": person.id_prompt, "region": region,
             "id_images": [str(p) for p in person.id_images or []]}
 
 
@@ -366,7 +396,8 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--person", action="append", type=parse_person, metavar="SPEC",
                      help="one of several people (repeatable), as 'prompt=a photo of sks "
                           "woman;box=0,0,0.5,1;image=ana.jpg' (each part optional, image "
-                          "repeatable; box in fractions of the image)")
+                          "repeatable; box in fractions of the image, or box=auto: around "
+                          "a face found in the preview; or mask=file.png)")
     gen.add_argument("--seed", type=int, action="append", help="repeatable; default 0")
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--guidance-scale", type=float, default=5.0)

@@ -22,6 +22,7 @@ SALIENCIES = ("guided", "cfg_delta")
 NEGATIVE_POLICIES = ("aggregate", "zeros")
 SEMANTIC_ADAPTER_POLICIES = ("off", "on")
 IDAP_PEOPLE_POLICIES = ("all", "none")
+AUTO_REGION_FALLBACKS = ("bands", "error")  # bf_core.regions reads them from here
 
 
 #: Upper bounds that keep every setting meaningful. A lambda times a saliency must stay far
@@ -31,6 +32,7 @@ MAX_LAMBDA = 1e4
 TEMPERATURE_RANGE = (1e-3, 1e3)
 MAX_IDAP_TOKENS = 256
 MAX_SMOOTH_KERNEL = 128
+MAX_AUTO_REGION_SCALE = 20.0
 MAX_SEED = 2**63 - 1
 
 
@@ -154,6 +156,11 @@ class BFConfig:
         round-off, see ``bf_core.rowbatch``); False keeps one call per line.
     idap_people: with several people, ``"all"`` prepends every person's K IdAP tokens to the
         scene prompt (N*K + L tokens), ``"none"`` prepends none (IdAP off).
+    auto_region_scale: a ``region="auto"`` is the face found in the step-M1 preview, its box
+        scaled by this factor about its centre (head and hair); in [1, 20].
+    auto_region_fallback: when the preview shows fewer faces than ``"auto"`` persons:
+        ``"bands"`` (equal vertical bands of the free width, with a warning) or ``"error"``
+        (``RegionNotFoundError``).
     """
 
     enabled: bool = True
@@ -167,6 +174,8 @@ class BFConfig:
     share_negative: bool = False
     batch_lines: bool = True
     idap_people: str = "all"
+    auto_region_scale: float = 2.5
+    auto_region_fallback: str = "bands"
 
     def __post_init__(self):
         for name in ("enabled", "use_idaf", "use_idap", "share_negative", "batch_lines"):
@@ -180,6 +189,10 @@ class BFConfig:
             raise ConfigError(f"BFConfig.idap must be an IdAPConfig, got {type(self.idap).__name__}")
         _require_choice("BFConfig.semantic_adapters", self.semantic_adapters, SEMANTIC_ADAPTER_POLICIES)
         _require_choice("BFConfig.idap_people", self.idap_people, IDAP_PEOPLE_POLICIES)
+        _require_positive("BFConfig.auto_region_scale", self.auto_region_scale,
+                          upper=MAX_AUTO_REGION_SCALE, lower=1.0)
+        _require_choice("BFConfig.auto_region_fallback", self.auto_region_fallback,
+                        AUTO_REGION_FALLBACKS)
 
     def thresholds(self, num_steps: int) -> tuple[int, int]:
         """(M1, M2) as step indices for a schedule of ``num_steps`` steps."""

@@ -39,6 +39,10 @@ class FaceNotFoundError(BeyondFacialError, ValueError):
     """No face was detected in a reference image."""
 
 
+class RegionNotFoundError(FaceNotFoundError):
+    """``region="auto"`` found fewer faces in the preview than persons needed them."""
+
+
 class MultipleFacesError(BeyondFacialError, ValueError):
     """Several faces were found and the face policy says to refuse."""
 

@@ -36,7 +36,7 @@ from bf_core.errors import ConfigError
 from bf_core.finite import FiniteWatch
 from bf_core.fusion import cfg_delta_saliency, fuse_lines
 from bf_core.hosts import HostCall, LineInputs, RowBatchLike, Step
-from bf_core.protocols import BackendSession
+from bf_core.protocols import BackendSession, preview_face_detector
 from bf_core.records import (
     Identity,
     Line,
@@ -45,7 +45,7 @@ from bf_core.records import (
     Person,
     SemanticPreview,
 )
-from bf_core.regions import latent_regions
+from bf_core.regions import auto_regions, latent_regions
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,29 @@ class LinePlan:
             self._grid_regions[key] = None if masks is None else [
                 None if mask is None else mask.to(device) for mask in masks]
         return self._grid_regions[key]
+
+    @property
+    def has_auto_regions(self) -> bool:
+        return any(isinstance(region, str) for region in self.regions)
+
+    def resolve_auto_regions(self, preview: SemanticPreview, config: BFConfig) -> list:
+        """Replace each ``"auto"`` region by the one found in ``preview`` (once, at step
+        M1); returns per image per person the face box used (pixels) or None."""
+        faces = preview.faces()
+        images = preview.images()
+        size = images[0].size if images else (1, 1)
+        boxes = None if faces is None else [[face.bbox for face in found] for found in faces]
+        self.regions, used = auto_regions(self.regions, boxes, size, config.auto_region_scale,
+                                          config.auto_region_fallback, preview.step)
+        self._grid_regions.clear()
+        return used
+
+    def drop_unresolved_auto_regions(self) -> None:
+        """An ``"auto"`` region still unresolved at the end (no ID line ran) is reported as
+        None: nothing was looked for."""
+        if self.has_auto_regions:
+            self.regions = [None if isinstance(r, str) else r for r in self.regions]
+            self._grid_regions.clear()
 
     @property
     def semantic(self) -> PlannedLine:
@@ -291,9 +314,20 @@ def fuse(host: HostCall, config: IdAFConfig, guided: Sequence[Guided], plan: Lin
     return host.from_fusion_layout(fused), winner
 
 
+def observe_preview(session: BackendSession, plan: LinePlan, config: BFConfig,
+                    preview: SemanticPreview, record: LoopRecord) -> None:
+    """At step M1: resolve the ``"auto"`` regions from the preview's faces, then show the
+    preview (with the regions in use) to the backend session."""
+    if plan.has_auto_regions:
+        preview.auto_faces = plan.resolve_auto_regions(preview, config)
+        record.diagnostics["auto_faces"] = preview.auto_faces
+    preview.regions = list(plan.regions)
+    session.observe_preview(preview)
+
+
 def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFConfig,
                step: Step, latents: torch.Tensor, record: LoopRecord,
-               watch: FiniteWatch) -> torch.Tensor:
+               watch: FiniteWatch, detector: Any = None) -> torch.Tensor:
     """Evaluate, guide and fuse the lines active at ``step``; every line's guided prediction
     goes to the finiteness watch."""
     cfg = host.cfg_active()  # a callback may switch CFG off mid-run
@@ -315,13 +349,14 @@ def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: 
         record.fusion_steps.append(step.index)
     if plan.has_id_lines and step.index == plan.idaf_start:
         semantic_rows = batches[0]
-        session.observe_preview(SemanticPreview(
-            step.index, lambda: host.x0_estimate(semantic_rows, noise), host.preview_images))
+        preview = SemanticPreview(step.index, lambda: host.x0_estimate(semantic_rows, noise),
+                                  host.preview_images, detector)
+        observe_preview(session, plan, config, preview, record)
     return noise
 
 
 def denoise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFConfig,
-            record: LoopRecord) -> torch.Tensor:
+            record: LoopRecord, detector: Any = None) -> torch.Tensor:
     """The loop over the host's steps; returns the final latents, checked for finiteness."""
     latents = host.initial_latents()
     watch = FiniteWatch(plan.line_names)
@@ -330,7 +365,8 @@ def denoise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFC
         for step in host.steps():
             if host.interrupted():
                 continue
-            noise = step_noise(host, session, plan, config, step, latents, record, watch)
+            noise = step_noise(host, session, plan, config, step, latents, record, watch,
+                               detector)
             latents = host.scheduler_step(noise, step, latents)
             latents = host.end_of_step(step, latents, progress)
             watch.check(step.index)
@@ -340,10 +376,14 @@ def denoise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFC
 
 
 def run(host: HostCall, session: BackendSession, config: BFConfig, people: Sequence[Person],
-        keep_maps: bool = False) -> tuple[torch.Tensor, LoopRecord]:
+        keep_maps: bool = False, preview_face_analyzer: Any = None
+        ) -> tuple[torch.Tensor, LoopRecord]:
     """One wrapped generation: the session opens (registering its restores), encodes each
     person, the lines are planned and denoised. Returns the final latents and the record;
-    every piece of pipeline state the session touched is back when it returns or raises."""
+    every piece of pipeline state the session touched is back when it returns or raises.
+
+    preview_face_analyzer: the detector ``region="auto"`` and placement options run on the
+    step-M1 preview; None takes the session's (``protocols.preview_face_detector``)."""
     record = LoopRecord(keep_maps, diagnostics={"enabled": config.enabled, "model_calls": 0,
                                                 "model_rows": 0})
     with ExitStack() as restore:
@@ -352,10 +392,19 @@ def run(host: HostCall, session: BackendSession, config: BFConfig, people: Seque
         plan = plan_lines(host, session, identities, config)
         plan.regions = [person.region for person in people]
         record.diagnostics.update(plan.diagnostics)
-        latents = denoise(host, session, plan, config, record)
+        detector = preview_face_detector(session, preview_face_analyzer)
+        latents = denoise(host, session, plan, config, record, detector)
     if keep_maps:
         record.diagnostics["fusion_steps"] = record.fusion_steps
-    masks = plan.region_masks(*latents.shape[-2:], latents.device)  # the fusion's, cached
-    record.regions = [None if mask is None else mask[0, 0].cpu()
-                      for mask in (masks or [None] * len(people))]
+    record.regions = regions_in_use(plan, latents)
     return latents, record
+
+
+def regions_in_use(plan: LinePlan, latents: torch.Tensor) -> list[torch.Tensor | None]:
+    """Each person's region as the fusion used it, (R, h, w) bool on CPU, or None for the
+    whole frame (and for an ``"auto"`` region no ID line ever ran to resolve)."""
+    plan.drop_unresolved_auto_regions()
+    rows = latents.shape[0]
+    masks = plan.region_masks(*latents.shape[-2:], latents.device)  # the fusion's, cached
+    return [None if mask is None else mask[:, 0].expand(rows, -1, -1).cpu()
+            for mask in (masks or [None] * len(plan.regions))]

@@ -75,7 +75,9 @@ class BackendSession(Protocol):
         ...
 
     def observe_preview(self, preview: SemanticPreview) -> None:
-        """Called once, at step M1 when ID lines will run, with the semantic line's preview."""
+        """Called once, at step M1 when ID lines will run, with the semantic line's preview
+        (its ``regions`` resolved). A session may also have ``preview_face_analyzer()``, the
+        detector that preview is searched with by default (``preview_face_detector``)."""
         ...
 
     def predict(self, batch: RowBatchLike, model: ModelCall) -> torch.Tensor:
@@ -118,3 +120,21 @@ def max_people(backend: Any) -> int:
     """How many people ``backend`` serves in one call (``DEFAULT_MAX_PEOPLE`` when it does
     not say: a backend written for one person is never handed two)."""
     return int(getattr(backend, "max_people", DEFAULT_MAX_PEOPLE))
+
+
+def preview_face_detector(session: Any, given: Any = None):
+    """A function giving the face detector the step-M1 preview is searched with: ``given``
+    (the call's ``preview_face_analyzer``), else the session's own (an optional
+    ``preview_face_analyzer()`` method: its reference-face analyser, or None), else the
+    library's default ``FaceAnalyzer()``. Nothing is built until the function is called."""
+    def detector():
+        if given is not None:
+            return given
+        own = getattr(session, "preview_face_analyzer", None)
+        analyzer = own() if own is not None else None
+        if analyzer is not None:
+            return analyzer
+        from bf_core.faces import FaceAnalyzer
+
+        return FaceAnalyzer()
+    return detector

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
+from bf_core.errors import ConfigError
+
 
 class Line(str, enum.Enum):
     """The kind of a line, i.e. of the model rows it owns."""
@@ -45,7 +47,8 @@ class Person:
         identity lives in a prompt trigger or in backend options.
     id_prompt: the person's placeholder prompt P_id; None takes the backend's default.
     region: where this person's ID line may win in the fusion (``bf_core.regions``): a box
-        ``(x0, y0, x1, y1)`` in fractions of the image, a mask, or None for the whole frame.
+        ``(x0, y0, x1, y1)`` in fractions of the image, a mask, ``"auto"`` (around the face
+        found in the step-M1 preview) or None for the whole frame.
     """
 
     id_images: Sequence[Any] | None = None
@@ -115,20 +118,28 @@ class GenerationRequest:
 
 class SemanticPreview:
     """The semantic line's clean-latent estimate at step M1, the last step before any ID
-    line runs; what placement decisions (InstantID's ``kps="auto"``) look at.
+    line runs; what placement decisions (``region="auto"``, InstantID's ``kps="auto"``)
+    look at.
 
     Nothing is computed until asked: ``x0()`` gives the (R, C, H, W) estimate in the host's
-    fusion layout, or None when the scheduler gives none, and ``images()`` decodes it once
-    to PIL images. So a call whose backend places nothing pays nothing for it.
+    fusion layout, or None when the scheduler gives none; ``images()`` decodes it once to
+    PIL images; ``faces()`` runs the call's preview face detector on them once. So a call
+    that places nothing pays nothing for it. ``regions``: each person's region in use once
+    the loop has resolved the ``"auto"`` ones (``bf_core.regions``).
     """
 
     def __init__(self, step: int, estimate: Callable[[], torch.Tensor | None],
-                 decode: Callable[[torch.Tensor], list[Any]]):
+                 decode: Callable[[torch.Tensor], list[Any]],
+                 detector: Callable[[], Any] | None = None):
         self.step = step
-        self._estimate, self._decode = estimate, decode
+        self._estimate, self._decode, self._detector = estimate, decode, detector
         self._x0: torch.Tensor | None = None
         self._images: list[Any] | None = None
+        self._faces: list[list[Any]] | None = None
         self._estimated = False
+        self.regions: list[Any] = []
+        #: per image per person the face an ``"auto"`` region was found around (or None)
+        self.auto_faces: list[list[Any]] = []
 
     def x0(self) -> torch.Tensor | None:
         if not self._estimated:
@@ -139,6 +150,28 @@ class SemanticPreview:
         if self._images is None and self.x0() is not None:
             self._images = self._decode(self._x0)
         return self._images
+
+    def faces(self) -> list[list[Any]] | None:
+        """Per preview image, the faces the detector finds (objects with ``bbox`` (x0, y0,
+        x1, y1) pixels and ``area``), or None when there is no preview."""
+        if self._faces is None and self.images() is not None:
+            if self._detector is None:
+                raise ConfigError("this preview was made without a face detector")
+            detector = self._detector()
+            self._faces = [list(detector.detect(image)) for image in self._images]
+        return self._faces
+
+    def person_faces(self) -> list[list[Any]] | None:
+        """Per image, per person: the face box (x0, y0, x1, y1 pixels of the preview) the
+        person is drawn at (``bf_core.regions.person_face_boxes``), or None when there is no
+        preview."""
+        from bf_core.regions import person_face_boxes
+
+        faces = self.faces()
+        if faces is None:
+            return None
+        return person_face_boxes(self.regions, [[face.bbox for face in found] for found in faces],
+                                 self.auto_faces, self._images[0].size)
 
 
 @dataclass
@@ -169,8 +202,9 @@ class BeyondFacialPipelineOutput(BaseOutput):
     fusion_steps: the step indices of ``fusion_maps``.
     fusion_lines: with ``return_fusion_maps=True``, an int8 tensor (S, N, 1, h, w) of which
         line won (0 the semantic line, j person j), else None.
-    regions: each person's region in use, a (h, w) bool tensor on the latent grid, or None
-        for the whole frame; one entry per person.
+    regions: each person's region in use, an (N, h, w) bool tensor on the latent grid (one
+        per image: ``"auto"`` regions differ between images), or None for the whole frame;
+        one entry per person.
     diagnostics: backend, thresholds, model-call counts, IdAP token selections.
     """
 

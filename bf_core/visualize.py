@@ -33,14 +33,18 @@ def fusion_map_image(winners, cell: int = 96) -> Image.Image:
     return Image.fromarray(rgb).resize((cell, height), Image.NEAREST)
 
 
-def _draw_regions(picture: Image.Image, regions: Sequence | None) -> None:
-    """Each person's region outlined in its line's colour (the box around its cells)."""
+def _draw_regions(picture: Image.Image, regions: Sequence | None, sample: int = 0) -> None:
+    """Each person's region outlined in its line's colour (the box around its cells);
+    a region is (N, h, w), one per image (``result.regions``), or one (h, w) for all."""
     draw = ImageDraw.Draw(picture)
     for person, region in enumerate(regions or [], start=1):
         if region is None:
             continue
         mask = np.asarray(region, dtype=bool)
+        mask = mask[sample] if mask.ndim == 3 else mask
         rows, cols = np.nonzero(mask)
+        if rows.size == 0:
+            continue
         sy, sx = picture.height / mask.shape[0], picture.width / mask.shape[1]
         draw.rectangle([cols.min() * sx, rows.min() * sy, (cols.max() + 1) * sx - 1,
                         (rows.max() + 1) * sy - 1], outline=line_colour(person), width=2)
@@ -66,7 +70,7 @@ def render_fusion_strip(fusion_maps, steps: Sequence[int] | None = None, sample:
                       .astype(int))
     cells = [fusion_map_image(maps[k, sample, 0], cell) for k in picks]
     for picture in cells:
-        _draw_regions(picture, regions)
+        _draw_regions(picture, regions, sample)
     labels = [f"step {steps[k]}: {(maps[k, sample] > 0).mean():.0%} ID" for k in picks]
     if image is not None:
         cells.append(image.convert("RGB").resize((cell, cells[0].height)))

@@ -31,7 +31,8 @@ from bf_core.errors import (
 
 CONCURRENCY_POLICIES = ("wait", "refuse")
 #: the keywords of the method itself, beside the pipeline's and the backend's own
-METHOD_KEYWORDS = ("config", "id_images", "id_prompt", "people", "return_fusion_maps")
+METHOD_KEYWORDS = ("config", "id_images", "id_prompt", "people", "preview_face_analyzer",
+                   "return_fusion_maps")
 
 
 class PipelineLock:
@@ -127,8 +128,10 @@ class BeyondFacialPipeline:
 
     Call it like the pipeline (``prompt``, ``num_inference_steps``, ``guidance_scale``,
     ``generator``, ``num_images_per_prompt``, ``output_type``, ``return_dict``,
-    ``callback_on_step_end``, ...), adding ``id_images``, ``id_prompt``,
-    ``return_fusion_maps`` and the backend's own options. ``config=`` per call overrides
+    ``callback_on_step_end``, ...), adding ``id_images``, ``id_prompt`` (one person) or
+    ``people`` (``bf_core.Person`` list), ``return_fusion_maps``, ``preview_face_analyzer``
+    (the detector ``region="auto"`` and InstantID's ``kps="auto"`` search the step-M1
+    preview with; default the backend's face analyser) and the backend's own options. ``config=`` per call overrides
     the wrapper's config for that call only. A keyword that is none of these is refused,
     naming the closest valid one.
     """
@@ -143,7 +146,8 @@ class BeyondFacialPipeline:
 
     def __call__(self, *args: Any, config: BFConfig | None = None, id_images: Any = None,
                  id_prompt: str | None = None, people: Sequence[Any] | None = None,
-                 return_fusion_maps: bool = False, **kwargs: Any):
+                 return_fusion_maps: bool = False, preview_face_analyzer: Any = None,
+                 **kwargs: Any):
         config = self.config if config is None else config
         if not isinstance(config, BFConfig):
             raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
@@ -154,16 +158,22 @@ class BeyondFacialPipeline:
                               f"{type(id_prompt).__name__} {id_prompt!r:.60}")
         if not isinstance(return_fusion_maps, bool):
             raise ConfigError(f"return_fusion_maps must be True or False, got {return_fusion_maps!r}")
+        if preview_face_analyzer is not None and not callable(
+                getattr(preview_face_analyzer, "detect", None)):
+            raise ConfigError("preview_face_analyzer must have a detect(image) method returning "
+                              "faces (a bf_core.faces.FaceAnalyzer), got "
+                              f"{type(preview_face_analyzer).__name__}")
         persons = call_people(people, id_images, id_prompt, self.backend)
         lock = pipeline_lock(self.pipe)
         lock.acquire(wait=self.concurrency == "wait", pipe=self.pipe)
         try:
-            return self._run(args, kwargs, config, persons, return_fusion_maps)
+            return self._run(args, kwargs, config, persons, return_fusion_maps,
+                             preview_face_analyzer)
         finally:
             lock.release()
 
     def _run(self, args: tuple, kwargs: dict[str, Any], config: BFConfig, persons: list,
-             return_fusion_maps: bool):
+             return_fusion_maps: bool, preview_face_analyzer: Any):
         import torch
 
         from bf_core import loop
@@ -173,7 +183,8 @@ class BeyondFacialPipeline:
                 call = self.host.open_call(self.pipe, args, kwargs)
                 session = self.backend.open_session(call, config)
                 latents, record = loop.run(call, session, config, persons,
-                                           keep_maps=return_fusion_maps)
+                                           keep_maps=return_fusion_maps,
+                                           preview_face_analyzer=preview_face_analyzer)
                 return call.finish(latents, record, self.backend.name)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory_error(exc, config.batch_lines) from exc

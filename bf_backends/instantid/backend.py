@@ -27,17 +27,20 @@ and put back when it closes, also after an exception.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bf_backends.instantid.control import (
-    AutoKeypoints,
     check_kps_option,
     control_image_tensor,
+    placed_keypoint_image,
+    placed_keypoint_images,
     reference_keypoint_image,
+    region_face_box,
 )
 from bf_backends.instantid.encoder import InstantIDEncoder, ReferenceFace
 from bf_backends.instantid.keypoints import draw_kps
@@ -47,9 +50,12 @@ from bf_core.config import BFConfig
 from bf_core.errors import ConfigError, UnsupportedPipelineError
 from bf_core.hosts.sdxl import HOST_NAME, ID_LINE_OPTIONS, SDXLSession, is_sdxl_pipeline
 from bf_core.records import Identity, Line, LineConditioning, SemanticPreview
+from bf_core.regions import region_bounds
 
 if TYPE_CHECKING:
     from bf_core.hosts.sdxl import RowBatch, SDXLCall, SDXLModel
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONDITIONING_SCALE = 0.8  # IdentityNet strength of infer.py and the demo
 
@@ -63,7 +69,6 @@ OPTIONS = {
     "face_embeds": "(N, 512) raw antelopev2 embeddings instead of analysing id_images",
     "image_embeds": "the official pipeline's name for face_embeds",
     "face_analyzer": "a bf_core.faces.FaceAnalyzer (or any object with detect/embed)",
-    "preview_face_analyzer": "the detector kps='auto' runs on the preview (default: the same)",
     "face_model": "insightface pack name or folder (default 'antelopev2')",
     "face_model_root": "insightface root folder",
     "face_providers": "onnxruntime execution providers",
@@ -100,10 +105,9 @@ class _PrecomputedImageTokens(torch.nn.Module):
 class InstantIDSession(SDXLSession):
     """One call on an InstantID pipeline: lines, IdentityNet, keypoints, restore.
 
-    The identity reaches the session through ``conditioning`` (the loop asks for the
-    semantic or baseline line's first, with the person's identity) and is kept for
-    ``predict``: its tokens feed the ID attention and IdentityNet, its reference face the
-    keypoint image.
+    Each person's identity reaches the session through ``conditioning`` and is kept per
+    line (``line_identities``) for ``predict``: ID line j's rows get person j's tokens in
+    the ID attention and IdentityNet, and person j's keypoints in their region.
     """
 
     def __init__(self, backend: InstantIDBackend, call: SDXLCall, config: BFConfig):
@@ -124,9 +128,8 @@ class InstantIDSession(SDXLSession):
                               f"{self.guidance_window}.")
         self.encoder = InstantIDEncoder(self)
         self.id_scales: list = []
-        self.identity: Identity | None = None
-        self._control_cache: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self._auto: AutoKeypoints | None = None
+        self._control_cache: dict[Any, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._preview: SemanticPreview | None = None
 
     # -- state -----------------------------------------------------------------------------
     def open(self, restore: ExitStack) -> None:
@@ -165,28 +168,22 @@ class InstantIDSession(SDXLSession):
     def reference_analyzer(self):
         return self.backend.face_analyzer(self.options)
 
-    def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
-        self.identity = identity
-        if line is Line.SEMANTIC:  # the method is on: kps='auto' will place the keypoints
-            self._start_auto_keypoints(identity.state["reference"])
-        return super().conditioning(line, identity)
+    def preview_face_analyzer(self):
+        """The detector the step-M1 preview is searched with by default: the reference one."""
+        return self.reference_analyzer()
 
-    def _start_auto_keypoints(self, reference: ReferenceFace) -> None:
-        """Set up kps='auto', which reads the semantic line's preview at step M1."""
-        if self._auto is not None or not (isinstance(self.kps, str) and self.kps == "auto"):
-            return
-        if reference.kps is None:
+    def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
+        self.line_identities.note(line, identity)
+        needs_kps = isinstance(self.kps, str) and self.kps == "auto" and line is not Line.BASELINE
+        if needs_kps and identity.state["reference"].kps is None:
             raise ConfigError("kps='auto' moves the reference face's keypoints, but only "
                               "face_embeds were given: pass id_images too, or choose "
                               "kps='none' or your own (5, 2) keypoints.")
-        detector = self.options.get("preview_face_analyzer") or self.reference_analyzer()
-        self._auto = AutoKeypoints(detector, reference)
+        return super().conditioning(line, identity)
 
     def observe_preview(self, preview: SemanticPreview) -> None:
-        """kps='auto': place the reference keypoints on the step-M1 preview, once."""
-        if self._auto is not None:
-            request = self.request
-            self._auto.observe(preview, request.num_rows, request.height, request.width)
+        """Kept for the ID lines' keypoint images (kps='auto', and 'reference' with regions)."""
+        self._preview = preview
 
     def _tokens(self, batch: RowBatch, identity_on: bool) -> torch.Tensor:
         """ID tokens for the batch's rows, blocked like the text: [neg x R; pos x R]."""
@@ -195,7 +192,7 @@ class InstantIDSession(SDXLSession):
             return torch.zeros(batch.rows, ID_TOKEN_COUNT, unet.config.cross_attention_dim,
                                dtype=batch.encoder_hidden_states.dtype,
                                device=batch.encoder_hidden_states.device)
-        identity = self.identity
+        identity = self.line_identities.of(batch)
         blocks = []
         for branch in batch.branches:
             tokens = identity.negative_tokens if branch == "uncond" else identity.tokens
@@ -215,22 +212,45 @@ class InstantIDSession(SDXLSession):
             self._control_cache[key] = (tensor, None)
         return self._control_cache[key]
 
-    def _auto_control(self, step: int, rows: int):
-        """(R, 3, H, W) placed keypoint images and an (R,) keep mask, or (None, None)."""
-        if "auto" not in self._control_cache:
-            images = self._auto.images
-            if images is None:  # no preview reached the session (the loop always sends one)
-                images = self._auto.missing(step, rows)
+    def _row_control(self, key: Any, make_images: Callable[[], Sequence[Any]]):
+        """Per-row keypoint images (made by ``make_images``, once per key) -> (R, 3, H, W) and
+        an (R,) keep mask (None when every row has one), or (None, None) when none has one."""
+        if key not in self._control_cache:
+            images = make_images()
             if all(image is None for image in images):
-                self._control_cache["auto"] = (None, None)
+                self._control_cache[key] = (None, None)
             else:
                 height, width = self.request.height, self.request.width
                 tensors = [torch.zeros(1, 3, height, width) if image is None
                            else control_image_tensor(self.pipe, image, height, width)
                            for image in images]
                 mask = torch.tensor([0.0 if image is None else 1.0 for image in images])
-                self._control_cache["auto"] = (torch.cat(tensors), None if mask.all() else mask)
-        return self._control_cache["auto"]
+                self._control_cache[key] = (torch.cat(tensors), None if mask.all() else mask)
+        return self._control_cache[key]
+
+    def _auto_images(self, person: int, reference: ReferenceFace, step: int) -> list:
+        """kps='auto': person ``person``'s keypoints in their face of the step-M1 preview."""
+        rows, size = self.request.num_rows, (self.request.width, self.request.height)
+        faces = None if self._preview is None else self._preview.person_faces()
+        if faces is None:
+            logger.warning("kps='auto': no x0 estimate of step %d is available (scheduler "
+                           "without alphas_cumprod?); IdentityNet is off for this call.", step - 1)
+            return [None] * rows
+        many = len(faces[0]) > 1
+        return placed_keypoint_images(reference, [row[person] for row in faces], size,
+                                      self._preview.step, person if many else None)
+
+    def _reference_images(self, person: int, reference: ReferenceFace) -> list:
+        """kps='reference': the official drawing, or with a region the reference keypoints
+        in the face that region implies (``region_face_box``), per output image."""
+        regions = self._preview.regions if self._preview is not None else []
+        region = regions[person] if person < len(regions) else None
+        if region is None:
+            return [reference_keypoint_image(reference)]  # the same for every row
+        size = (self.request.width, self.request.height)
+        return [placed_keypoint_image(reference, region_face_box(
+            region_bounds(region, row), size, self.config.auto_region_scale), size)
+            for row in range(self.request.num_rows)]
 
     def _control(self, batch: RowBatch):
         """The batch's keypoint image per row (R, 3, H, W) and row mask, or (None, None)."""
@@ -240,14 +260,19 @@ class InstantIDSession(SDXLSession):
         if isinstance(mode, str):
             if mode == "none":
                 return None, None
+            person = max(batch.line_index - 1, 0) if batch.line is Line.ID else 0
+            reference = self.line_identities.of(batch).state["reference"]
+            if reference.kps is None:
+                reference_keypoint_image(reference)  # names the missing keypoints
             if mode == "reference":
-                return self._fixed_control("reference", reference_keypoint_image(
-                    self.identity.state["reference"]))
-            return self._auto_control(batch.step_index, batch.rows_per_branch)
+                return self._row_control(("reference", person),
+                                         lambda: self._reference_images(person, reference))
+            return self._row_control(("auto", person), lambda: self._auto_images(
+                person, reference, batch.step_index))
         if hasattr(mode, "convert"):
-            return self._fixed_control("image", mode)
-        return self._fixed_control("points", draw_kps((self.request.width, self.request.height),
-                                                      mode))
+            return self._row_control("image", lambda: [mode])
+        return self._row_control("points", lambda: [draw_kps(
+            (self.request.width, self.request.height), mode)])
 
     def _identitynet_residuals(self, batch: RowBatch, tokens: torch.Tensor) -> dict[str, Any]:
         """IdentityNet on the ID tokens and the keypoint image; {} when it is off."""
@@ -338,6 +363,7 @@ class InstantIDBackend:
     default_id_prompt = "a person"
     hosts = (HOST_NAME,)
     options = OPTIONS
+    max_people = 4
 
     def __init__(self) -> None:
         self._analyzers: dict[Any, Any] = {}

@@ -6,14 +6,18 @@
   reference photo's canvas, then resized to the output size. It fixes a large, centred
   face, which is what pulls InstantID towards close-ups.
 * ``"auto"`` (default with BeyondFacial on; our extension, not in the paper): at step M1,
-  the last step before the ID line starts, a face is detected in the host's preview of
-  the semantic line's x0 estimate (``SemanticPreview``), and the reference keypoints are
-  moved into that face box by a similarity transform (uniform scale + shift, the face
-  keeps its shape).
+  the last step before the ID line starts, faces are detected in the host's preview of
+  the semantic line's x0 estimate (``SemanticPreview.person_faces``: the largest face in
+  the person's region, or the face its ``region="auto"`` was found around), and the
+  reference keypoints are moved into that face box by a similarity transform (uniform
+  scale + shift, the face keeps its shape).
   Marker sizes scale with the move, so the drawing is the reference drawing, moved. An
   image whose preview shows no face gets no IdentityNet residuals (logged). With
   BeyondFacial off, ``"auto"`` means ``"reference"``: the baseline is the official method.
 * ``"none"``: IdentityNet is not run; the ID line keeps the ID attention only.
+* with several people, each ID line gets its own person's keypoints: ``"auto"`` as above
+  per person; ``"reference"`` places a person with a region in the face that region
+  implies (``region_face_box``), and one without a region as the official drawing.
 * a (5, 2) array of keypoints in output pixels (drawn at the output size), or a keypoint
   image (PIL, resized to the output size like the official control image).
 """
@@ -35,7 +39,6 @@ from bf_backends.instantid.keypoints import (
     keypoints_into_box,
 )
 from bf_core.errors import ConfigError
-from bf_core.records import SemanticPreview
 
 logger = logging.getLogger(__name__)
 
@@ -96,58 +99,32 @@ def placed_keypoint_image(reference, target_box: Sequence[float], size: tuple[in
                     limb_half_width=max(1, round(LIMB_HALF_WIDTH * scale)))
 
 
-def largest_box(faces: Sequence[Any]):
-    """The box of the largest detected face (InstantID's area rule), or None."""
-    if not faces:
-        return None
-    return sorted(faces, key=lambda face: face.area)[-1].bbox
+def placed_keypoint_images(reference, face_boxes: Sequence[Any], size: tuple[int, int],
+                           step: int, person: int | None = None) -> list:
+    """Per output image: the reference keypoints placed in that image's face box of the
+    step-``step`` preview (``placed_keypoint_image``), or None where no face was found
+    (IdentityNet is then off for that image's rows). ``person`` only labels the log."""
+    who = "" if person is None else f" (person {person})"
+    images = []
+    for row, box in enumerate(face_boxes):
+        if box is None:
+            logger.info("kps='auto': no face in the step-%d preview of image %d%s; IdentityNet "
+                        "is off for this image.", step, row, who)
+            images.append(None)
+        else:
+            logger.info("kps='auto': image %d%s, face box %s in the step-%d preview.", row, who,
+                        [round(float(v), 1) for v in box], step)
+            images.append(placed_keypoint_image(reference, box, size))
+    return images
 
 
-class AutoKeypoints:
-    """``kps="auto"`` for one call: the reference keypoints placed on the step-M1 preview.
-
-    ``observe`` gets the semantic line's preview once (``BackendSession.observe_preview``,
-    step M1, the last step before the ID line runs), detects one face per image and keeps,
-    per row, the placed keypoint image or None (IdentityNet off for that image); every
-    ID-line step then reads ``images``.
-    """
-
-    def __init__(self, detector: Any, reference):
-        self.detector = detector
-        self.reference = reference
-        self.images: list | None = None
-
-    def observe(self, preview: SemanticPreview, rows: int, height: int, width: int) -> list:
-        """Per row: the placed keypoint image, or None. Placed once; later calls keep it."""
-        if self.images is None:
-            previews = preview.images()
-            self.images = (self._nothing_to_place(preview.step, rows) if previews is None
-                           else self._place(previews, preview.step, height, width))
-        return self.images
-
-    def missing(self, step: int, rows: int) -> list:
-        """No preview reached the session before the ID line's step ``step``: none placed."""
-        if self.images is None:
-            self.images = self._nothing_to_place(step - 1, rows)
-        return self.images
-
-    @staticmethod
-    def _nothing_to_place(step: int, rows: int) -> list:
-        logger.warning("kps='auto': no x0 estimate of step %d is available (scheduler "
-                       "without alphas_cumprod?); IdentityNet is off for this call.", step)
-        return [None] * rows
-
-    def _place(self, previews: Sequence[Any], step: int, height: int, width: int) -> list:
-        """The largest face of each preview image -> its placed keypoint image, or None."""
-        images = []
-        for row, preview in enumerate(previews):
-            box = largest_box(self.detector.detect(preview))
-            if box is None:
-                logger.info("kps='auto': no face in the step-%d preview of image %d; IdentityNet "
-                            "is off for this image.", step, row)
-                images.append(None)
-            else:
-                logger.info("kps='auto': image %d, face box %s in the step-%d preview.", row,
-                            [round(float(v), 1) for v in box], step)
-                images.append(placed_keypoint_image(self.reference, box, (width, height)))
-        return images
+def region_face_box(region_box: Sequence[float], size: tuple[int, int], scale: float
+                    ) -> tuple[float, float, float, float]:
+    """The face a region implies for ``kps="reference"`` with several people: the region's
+    box (fractions) shrunk about its centre by ``scale`` (``auto_region_scale``: a region
+    found around a face is that face scaled by it), in output pixels of ``size``."""
+    width, height = size
+    x0, y0, x1, y1 = region_box
+    cx, cy = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height
+    half_w, half_h = (x1 - x0) * width / scale / 2, (y1 - y0) * height / scale / 2
+    return (cx - half_w, cy - half_h, cx + half_w, cy + half_h)

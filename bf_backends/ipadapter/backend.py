@@ -150,6 +150,10 @@ class IPAdapterSession(SDXLSession):
         return self.config.semantic_adapters == "on"
 
     # -- both lines in one UNet call ---------------------------------------------------------
+    def preview_face_analyzer(self):
+        """FaceID's face analyser (the call's, else buffalo_l): ``region="auto"``'s detector."""
+        return self.encoder.face_analyzer()
+
     def supports_row_batching(self, batch: RowBatch) -> bool:
         """Whether the lines merged in ``batch`` can share one UNet call, exactly switched per row.
 

@@ -204,6 +204,10 @@ class PhotoMakerSession(SDXLSession):
                 and all(lora_layer_row_maskable(layer) for layer in layers))
         return self._lora_rows_switchable
 
+    def preview_face_analyzer(self):
+        """The reference-face analyser (V2's): what ``region="auto"`` searches the preview with."""
+        return self.encoder.reference_face_analyzer()
+
     def supports_row_batching(self, batch: RowBatch) -> bool:
         """Both lines in one call when the PhotoMaker LoRA can be switched per row exactly.
 

@@ -227,6 +227,13 @@ class PhotoMakerIdentityEncoder:
         faces = self.face_embeddings(items) if self.parts.tokens_per_image == 2 else None
         return ReferenceInputs(self.parts.pixel_values(images), faces)
 
+    def reference_face_analyzer(self):
+        """The call's ``face_analyzer``, else the pipeline's, else the backend's V2 one."""
+        options = self.request.backend_options
+        return options.get("face_analyzer") or self.parts.face_analyzer \
+            or self.face_analyzer(options.get("face_model", "buffalo_l"), options.get("face_root"),
+                                  options.get("face_providers"))
+
     def face_embeddings(self, images: list) -> torch.Tensor:
         """(N, 512) raw ArcFace embeddings, the chosen face of each image, in order.
 
@@ -242,10 +249,8 @@ class PhotoMakerIdentityEncoder:
                 raise ConfigError(f"id_embeds holds {embeds.shape[0]} embedding(s) for "
                                   f"{len(images)} reference image(s); give one per image, in order")
             return embeds
-        analyzer = options.get("face_analyzer") or self.parts.face_analyzer \
-            or self.face_analyzer(options.get("face_model", "buffalo_l"), options.get("face_root"),
-                                  options.get("face_providers"))
-        faces = analyzer.embed(images, policy=options.get("face_policy", DEFAULT_FACE_POLICY))
+        faces = self.reference_face_analyzer().embed(
+            images, policy=options.get("face_policy", DEFAULT_FACE_POLICY))
         return torch.from_numpy(np.stack([face.embedding for face in faces]))
 
     def id_line_text(self, id_prompt: str, references: ReferenceInputs) -> LineConditioning:

@@ -265,6 +265,11 @@ class PuLIDSession(SDXLSession):
             return model(batch)
 
     # -- both lines in one UNet call ---------------------------------------------------------
+    def preview_face_analyzer(self):
+        """The face analyser of PuLID's features (antelopev2): ``region="auto"``'s detector;
+        None (the library's default) for features without one."""
+        return getattr(self.adapter.features, "analyzer", None)
+
     def supports_row_batching(self, batch: RowBatch) -> bool:
         """Whether the semantic and ID rows of ``batch`` (merged) may share one UNet call,
         each row exact.

@@ -155,15 +155,46 @@ class BackendConformance:
         people = [Person(**person, region=(0.0, 0.0, 0.5, 1.0)),
                   Person(**person, region=(0.5, 0.0, 1.0, 1.0))]
         result = bf(**self.common_kwargs(), **options, people=people, return_fusion_maps=True)
-        left, right = result.regions
-        assert not (result.fusion_lines[..., ~left] == 1).any()
-        assert not (result.fusion_lines[..., ~right] == 2).any()
+        left, right = result.regions  # (N, h, w): one region per image
+        per_image = result.fusion_lines[:, :, 0]  # (S, N, h, w)
+        assert not (per_image[:, ~left] == 1).any()
+        assert not (per_image[:, ~right] == 2).any()
         with batch_invariant_kernels():
             merged = self.wrapped(pipe)(**self.common_kwargs(output_type="latent"), **options,
                                         people=people)
             separate = self.wrapped(pipe, batch_lines=False)(
                 **self.common_kwargs(output_type="latent"), **options, people=people)
         assert torch.equal(merged.images, separate.images)
+
+    def test_auto_regions_follow_the_detected_faces_left_to_right(self):
+        """``region="auto"`` with the test face detector (two faces, listed right first):
+        person 1 gets the left face's region, person 2 the right one's, and each ID line
+        wins only inside its own."""
+        import pytest
+
+        from bf_core.config import BFConfig
+        from bf_core.protocols import max_people
+        from bf_core.records import Person
+        from bf_core.regions import box_mask, face_region
+        from bf_core.testing.faces import ScriptedFaceDetector
+
+        pipe = self.make_pipeline()
+        bf = self.wrapped(pipe)
+        if max_people(bf.backend) < 2:
+            pytest.skip(f"the {self.backend_name} backend serves one person")
+        person, options = self.split_identity()
+        detector = ScriptedFaceDetector([(0.55, 0.2, 0.75, 0.4), (0.1, 0.3, 0.3, 0.5)])
+        result = bf(**self.common_kwargs(), **options, return_fusion_maps=True,
+                    people=[Person(**person, region="auto"), Person(**person, region="auto")],
+                    preview_face_analyzer=detector)
+        faces = result.diagnostics["auto_faces"][0]
+        assert faces[0][0] < faces[1][0], "the left face goes to the first person"
+        size, grid = detector.seen[0], result.regions[0].shape[-2:]
+        per_image = result.fusion_lines[:, :, 0]  # (S, N, h, w)
+        for j, (face, region) in enumerate(zip(faces, result.regions, strict=True), start=1):
+            box = face_region(face, size, BFConfig().auto_region_scale)
+            assert torch.equal(region[0], box_mask(box, *grid))
+            assert not (per_image[:, ~region] == j).any()
 
     def test_state_restored_after_call(self):
         pipe = self.make_pipeline()

@@ -17,6 +17,9 @@ faces on every image. How many faces survive NMS depends on the image; do not as
 counts (with a strongly positive bias a 128 x 128 detection finds a few dozen).
 
 Needs the ``onnx`` package (a test dependency), imported only when a pack is written.
+
+``ScriptedFaceDetector`` is the test face detector of placement code (``region="auto"``,
+InstantID's ``kps="auto"``): it "finds" the faces it is given, at known places.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bf_core.faces import FACE_MODEL_PACKS
+from bf_core.faces import FACE_MODEL_PACKS, Face
 
 DETECTOR_STRIDES = (8, 16, 32)
 ANCHORS_PER_CELL = 2
@@ -43,6 +46,35 @@ _RECOGNIZER_PATCH = 16
 _RECOGNIZER_CHANNELS = 4
 # Random score logits stay within about +-2 of the bias: a bias of +-10 decides alone.
 _SCORE_WEIGHT_STD = 0.05
+
+
+class ScriptedFaceDetector:
+    """A face detector that finds exactly the boxes it is given, in every image.
+
+    boxes: (x0, y0, x1, y1) in fractions of the image, in the order ``detect`` returns them
+    (give them out of left-to-right order to test ordering); scaled to each image's pixels.
+    ``seen`` records the (width, height) of every image it was shown.
+    """
+
+    def __init__(self, boxes):
+        self.boxes = [tuple(float(v) for v in box) for box in boxes]
+        self.seen: list[tuple[int, int]] = []
+
+    def detect(self, image, *, index=None) -> list[Face]:
+        width, height = image.size
+        self.seen.append((width, height))
+        return [self._face(box, width, height) for box in self.boxes]
+
+    @staticmethod
+    def _face(box, width: int, height: int) -> Face:
+        x0, y0, x1, y1 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+        w, h = x1 - x0, y1 - y0
+        # eyes, nose, mouth corners at their usual places in the box
+        kps = np.array([[x0 + 0.3 * w, y0 + 0.4 * h], [x0 + 0.7 * w, y0 + 0.4 * h],
+                        [x0 + 0.5 * w, y0 + 0.6 * h], [x0 + 0.35 * w, y0 + 0.8 * h],
+                        [x0 + 0.65 * w, y0 + 0.8 * h]], dtype=np.float32)
+        embedding = np.zeros(EMBEDDING_DIM, dtype=np.float32)
+        return Face(np.array([x0, y0, x1, y1], dtype=np.float32), kps, 0.99, embedding, embedding)
 
 
 def make_random_insightface_pack(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -147,3 +149,26 @@ def test_a_malformed_person_is_refused_by_argparse(spec, tmp_path, capsys):
         cli.main(["generate", "--tiny", "--prompt", "x", "--out", str(tmp_path), "--person", spec])
     err = capsys.readouterr().err
     assert "argument --person" in err and ("a person is" in err or "four numbers" in err)
+
+
+def test_a_person_may_bring_a_mask_file_or_an_auto_box(tmp_path, capsys):
+    from bf_core.regions import AUTO
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    Image.fromarray(mask).save(tmp_path / "right.png")
+    person = cli.parse_person(f"prompt=a photo of sks man;mask={tmp_path / 'right.png'}")
+    assert person.region.size == (32, 32) and person.id_prompt == "a photo of sks man"
+    assert cli.parse_person("box=auto").region == AUTO
+    with pytest.raises(argparse.ArgumentTypeError, match="one box= or mask="):
+        cli.parse_person(f"box=0,0,1,1;mask={tmp_path / 'right.png'}")
+    with pytest.raises(argparse.ArgumentTypeError, match="mask='missing.png'"):
+        cli.parse_person("mask=missing.png")
+    out = tmp_path / "masked"
+    code = cli.main(["generate", "--tiny", "--prompt", "two friends at a market", "--steps", "4",
+                     "--height", "64", "--width", "64", "--out", str(out),
+                     "--person", "prompt=a photo of sks woman;box=0,0,0.5,1",
+                     "--person", f"prompt=a photo of sks man;mask={tmp_path / 'right.png'}"])
+    assert code == 0, capsys.readouterr().err
+    settings = json.loads((out / "image_settings.json").read_text())
+    assert settings["people"][1]["region"] == "mask 32x32"

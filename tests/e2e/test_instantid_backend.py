@@ -199,6 +199,44 @@ def test_kps_auto_places_the_reference_keypoints_in_the_preview_face(analyzer, c
     assert np.abs(auto - none).max() > 1e-4
 
 
+def _drawn_extent(cond: torch.Tensor):
+    """(x0, y0, x1, y1) pixels where a (3, H, W) keypoint image has markers."""
+    ys, xs = np.nonzero((cond.amax(0) > 0).numpy())
+    return xs.min(), ys.min(), xs.max(), ys.max()
+
+
+@pytest.mark.parametrize("kps, regions", [
+    ("auto", ["auto", "auto"]),
+    ("reference", [(0.5, 0.1, 0.9, 0.6), (0.0, 0.2, 0.4, 0.7)]),
+])
+def test_each_person_gets_its_keypoints_placed_in_its_own_region(analyzer, kps, regions):
+    """Two people: every IdentityNet call of ID line j draws person j's keypoints inside
+    person j's face: the detected one (kps='auto', region='auto'; the test detector lists
+    the right face first) or the one its box implies (kps='reference')."""
+    from bf_core.records import Person
+    from bf_core.testing.faces import ScriptedFaceDetector
+
+    faces = [(0.6, 0.2, 0.85, 0.45), (0.1, 0.3, 0.3, 0.5)]
+    pipe = tiny_pipeline(seed=0)
+    people = [Person(id_images=[REFERENCE], region=region) for region in regions]
+    with _ControlSpy(pipe.controlnet) as spy:
+        result = wrapped(pipe)(**call_kwargs(), people=people, face_analyzer=analyzer, kps=kps,
+                               preview_face_analyzer=ScriptedFaceDetector(faces))
+    assert len(spy.conds) == 2 * (STEPS - result.diagnostics["idaf_start"] - 1)
+    if kps == "auto":
+        expected = [faces[1], faces[0]]  # left to right
+    else:  # the box shrunk about its centre by auto_region_scale
+        expected = [((x0 + x1) / 2 - (x1 - x0) / 5, (y0 + y1) / 2 - (y1 - y0) / 5,
+                     (x0 + x1) / 2 + (x1 - x0) / 5, (y0 + y1) / 2 + (y1 - y0) / 5)
+                    for x0, y0, x1, y1 in regions]
+    margin = 6  # markers are drawn around the keypoints, which sit inside the face
+    for call, cond in enumerate(spy.conds):
+        face = [v * SIZE for v in expected[call % 2]]
+        x0, y0, x1, y1 = _drawn_extent(cond[-1])
+        assert face[0] - margin <= x0 and x1 <= face[2] + margin
+        assert face[1] - margin <= y0 and y1 <= face[3] + margin
+
+
 def test_kps_auto_without_a_preview_face_turns_identitynet_off(packs, caplog):
     analyzer, blind = packs
     pipe = tiny_pipeline(seed=0)
