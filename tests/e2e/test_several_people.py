@@ -189,6 +189,43 @@ def test_each_id_line_carries_its_own_persons_identity(name, one_thread):
     np.testing.assert_array_equal(merged, separate)
 
 
+@pytest.mark.parametrize("name", ["dreambooth", "photomaker", "ipadapter", "instantid", "pulid"])
+def test_every_backend_swaps_counts_and_prepends_as_the_spec_says(name, one_thread):
+    """On each backend's tiny pipeline with two different people: swapping the people
+    swaps the winning lines (and nothing else), a call costs 2T + 2N(T - M1 - 1) UNet
+    sample-evaluations, and after M2 the semantic line's context is N*K + L tokens."""
+    setup, ana, ben = _two_identities(name)
+    bf = bf_core.wrap(setup.pipe, backend=name)
+
+    def call(people, **config):
+        return bf.with_config(**config)(
+            prompt="two friends at a market", num_inference_steps=STEPS, height=64, width=64,
+            output_type="np", generator=torch.Generator().manual_seed(0), people=people,
+            return_fusion_maps=True, **setup.options)
+
+    order = dict(use_idap=False, batch_lines=False)  # so that row order cannot matter
+    ab = call([Person(**ana, region=LEFT), Person(**ben, region=RIGHT)], **order)
+    ba = call([Person(**ben, region=RIGHT), Person(**ana, region=LEFT)], **order)
+    np.testing.assert_array_equal(ab.images, ba.images)
+    swapped = torch.where(ab.fusion_lines == 1, 2, torch.where(ab.fusion_lines == 2, 1, 0))
+    assert torch.equal(ba.fusion_lines, swapped.to(torch.int8))
+
+    lengths = []
+    handle = setup.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]),
+        with_kwargs=True)
+    try:
+        full = call([Person(**ana, region=LEFT), Person(**ben, region=RIGHT)], batch_lines=False)
+    finally:
+        handle.remove()
+    m1, m2 = full.diagnostics["idaf_start"], full.diagnostics["idap_start"]
+    assert full.diagnostics["model_rows"] == 2 * STEPS + 2 * 2 * (STEPS - m1 - 1)
+    k = bf_core.IdAPConfig().num_tokens
+    scene_tokens = lengths[0]  # step 0: the semantic line alone, before M2
+    assert m2 < STEPS - 1 and scene_tokens + 2 * k in lengths
+    assert full.diagnostics["idap_selection"].shape[1] == 2 * k
+
+
 def test_the_fusion_strip_gives_each_person_a_colour_and_outlines_the_regions(lora_pipe):
     from bf_core.visualize import line_colour
 
