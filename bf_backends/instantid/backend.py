@@ -224,8 +224,9 @@ class InstantIDSession(SDXLSession):
                 tensors = [torch.zeros(1, 3, height, width) if image is None
                            else control_image_tensor(self.pipe, image, height, width)
                            for image in images]
-                mask = torch.tensor([0.0 if image is None else 1.0 for image in images])
-                self._control_cache[key] = (torch.cat(tensors), None if mask.all() else mask)
+                keep = [image is not None for image in images]  # decided in Python: no host read
+                mask = None if all(keep) else torch.tensor(keep, dtype=torch.float32)
+                self._control_cache[key] = (torch.cat(tensors), mask)
         return self._control_cache[key]
 
     def _auto_images(self, person: int, reference: ReferenceFace, step: int) -> list:
