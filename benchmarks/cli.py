@@ -14,6 +14,7 @@ TINY_SIZE = 64
 TINY_PROMPTS = 2  # per prompt set
 TINY_IDENTITIES = 2
 TINY_THREADS = 1  # tiny models gain nothing from more, and idle OpenMP threads spin
+SCENARIOS = ("single", "multi")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of reference photos, or a folder of such folders (repeatable)")
     parser.add_argument("--prompt-sets", default="action,expression",
                         help="shipped set names or JSON/text files, comma-separated")
+    parser.add_argument("--scenarios", default="single",
+                        help="comma-separated: 'single' (one person per image, the paper's "
+                             "grid) and/or 'multi' (two people per image); default single")
+    parser.add_argument("--multi-prompts", default="two_person",
+                        help="multi: prompt set (shipped name or JSON/text file)")
+    parser.add_argument("--multi-pairs", choices=("consecutive", "all"), default="consecutive",
+                        help="multi: pairs of identities, k with k+1 (wrapping) or every pair")
+    parser.add_argument("--multi-max-pairs", type=int, default=None,
+                        help="multi: use the first N pairs")
+    parser.add_argument("--multi-regions", choices=("halves", "auto"), default="halves",
+                        help="multi: person 1 left half and person 2 right half, or 'auto' "
+                             "(around the faces of the step-M1 preview)")
+    parser.add_argument("--multi-match-threshold", type=float, default=None,
+                        help="multi: ArcFace cosine (percent) from which a face is the "
+                             "person's (default 30)")
     parser.add_argument("--prompts-per-set", type=int, default=None, help="use the first N prompts")
     parser.add_argument("--seeds", default=None, help="comma list or a count N (0..N-1); "
                                                       "default 20 (tiny: 1)")
@@ -71,6 +87,15 @@ def _seeds(text: str | None, tiny: bool) -> list[int]:
     if "," in text:
         return [int(s) for s in text.split(",") if s.strip()]
     return list(range(int(text)))
+
+
+def _scenarios(text: str) -> tuple[bool, bool]:
+    """(run the single-person grid, run the multi scenario) from ``--scenarios``."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = names - set(SCENARIOS)
+    if unknown or not names:
+        raise SystemExit(f"error: --scenarios takes {' and/or '.join(SCENARIOS)}, got {text!r}")
+    return "single" in names, "multi" in names
 
 
 def _tiny_identities(folder: Path) -> list[Path]:
@@ -112,6 +137,8 @@ def rank_device(device: str | None) -> str:
 
 def spec_from_args(args: argparse.Namespace):
     from benchmarks.metrics import MetricModels
+    from benchmarks.metrics.multi import MATCH_THRESHOLD
+    from benchmarks.multi import MultiOptions
     from benchmarks.runner import BenchSpec
     from benchmarks.scenarios import (
         TINY_SETTINGS,
@@ -131,6 +158,17 @@ def spec_from_args(args: argparse.Namespace):
     per_set = args.prompts_per_set or (TINY_PROMPTS if tiny else None)
     if per_set:
         prompt_sets = [PromptSet(p.name, p.prompts[:per_set]) for p in prompt_sets]
+    single, with_multi = _scenarios(args.scenarios)
+    multi = None
+    if with_multi:
+        multi_prompts = load_prompt_set(args.multi_prompts)
+        if per_set:
+            multi_prompts = PromptSet(multi_prompts.name, multi_prompts.prompts[:per_set])
+        threshold = (MATCH_THRESHOLD if args.multi_match_threshold is None
+                     else args.multi_match_threshold)
+        multi = MultiOptions(multi_prompts, pairs=args.multi_pairs,
+                             max_pairs=args.multi_max_pairs, regions=args.multi_regions,
+                             match_threshold=threshold)
     identity_paths = args.identities or (_tiny_identities(out / "tiny-identities") if tiny else None)
     if not identity_paths:
         raise SystemExit("error: --identities is required (folders of reference photos), "
@@ -160,7 +198,7 @@ def spec_from_args(args: argparse.Namespace):
         fid_reference_per_prompt=args.fid_reference_per_prompt,
         fid_reference_dir=Path(args.fid_reference) if args.fid_reference else None,
         contact_sheet_seeds=args.contact_sheet_seeds, progress=not args.no_progress,
-        threads=args.threads or (TINY_THREADS if tiny else None))
+        threads=args.threads or (TINY_THREADS if tiny else None), single=single, multi=multi)
 
 
 def lone_cpu_launch() -> bool:

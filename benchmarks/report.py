@@ -205,8 +205,6 @@ def write_contact_sheets(runner, flat, folder: Path) -> list[Path]:
     """Per backend, identity and seed: rows = prompts, columns = settings (baseline first)."""
     from PIL import Image
 
-    from bf_core.visualize import contact_sheet
-
     settings = [s.name for s in runner.spec.settings]
     seeds = list(runner.spec.seeds)[:runner.spec.contact_sheet_seeds]
     by_key = {(e["backend"], e["setting"], e["identity"], e["prompt_set"], e["prompt_index"],
@@ -228,15 +226,22 @@ def write_contact_sheets(runner, flat, folder: Path) -> list[Path]:
                                 with Image.open(runner.out / entry["image"]) as handle:
                                     images.append(handle.convert("RGB"))
                             labels.append(f"{setting} {prompt_set.name}-{index:02d}")
-                sheet = contact_sheet(images, labels, columns=len(settings), cell=cell)
-                path = folder / f"{backend}__{identity.name}__s{seed}.png"
-                atomic_write_image(path, sheet)
-                written.append(path)
+                written.append(save_sheet(images, labels, len(settings), cell,
+                                          folder / f"{backend}__{identity.name}__s{seed}.png"))
     return written
 
 
+def save_sheet(images: list, labels: list[str], columns: int, cell: int, path: Path) -> Path:
+    """A contact sheet of ``images`` (one setting per column), written atomically to ``path``."""
+    from bf_core.visualize import contact_sheet
+
+    atomic_write_image(path, contact_sheet(images, labels, columns=columns, cell=cell))
+    return path
+
+
 def write_fusion_sheets(runner, raw, folder: Path) -> list[Path]:
-    """Per backend, setting, identity (first seed): the fusion strips of every prompt, stacked."""
+    """Per backend, setting, identity (first seed): the fusion strips of every prompt, stacked.
+    A multi item's sheet (its identity the pair) is named ``multi__...``."""
     from PIL import Image
 
     groups: dict[tuple, list[Path]] = defaultdict(list)
@@ -244,10 +249,10 @@ def write_fusion_sheets(runner, raw, folder: Path) -> list[Path]:
     for row in raw:
         item, files = row["item"], row["image"].get("files", {})
         if "fusion_strip" in files and item.seed == first_seed:
-            groups[(item.backend, item.setting, item.identity)].append(
+            groups[(item.is_multi, item.backend, item.setting, item.identity)].append(
                 runner.out / files["fusion_strip"]["path"])
     written = []
-    for (backend, setting, identity), paths in sorted(groups.items()):
+    for (multi, backend, setting, identity), paths in sorted(groups.items()):
         strips = []
         for path in paths:
             with Image.open(path) as handle:
@@ -257,17 +262,16 @@ def write_fusion_sheets(runner, raw, folder: Path) -> list[Path]:
         for strip in strips:
             sheet.paste(strip, (0, top))
             top += strip.height
-        path = folder / f"{backend}__{setting}__{identity}.png"
+        prefix = "multi__" if multi else ""
+        path = folder / f"{prefix}{backend}__{setting}__{identity}.png"
         atomic_write_image(path, sheet)
         written.append(path)
     return written
 
 
-def write_report(runner, missing: list) -> Path:
-    """Write everything under ``<out>/report``; returns that folder."""
-    folder = runner.out / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    flat, raw = item_rows(runner)
+def write_single_person(runner, flat, raw, folder: Path) -> tuple[list, list[str], list[str]]:
+    """The single-person part: items, Table 1, speed (CSV), plots, contact sheets. Returns
+    (the scenario table, the report's sections, its lines in the files list)."""
     table = scenario_table(runner, flat, raw)
     columns = quality_columns(runner)
 
@@ -281,7 +285,6 @@ def write_report(runner, missing: list) -> Path:
 
     plots = write_plots(runner, table, columns + ["unet_evals_per_image"], folder / "plots")
     sheets = write_contact_sheets(runner, flat, folder / "contact_sheets")
-    fusion = write_fusion_sheets(runner, raw, folder / "fusion")
 
     paper_columns = [c for c in PAPER_COLUMNS if c in columns]
     headers, cells = ["backend", "setting"], ["backend", "setting"]
@@ -291,16 +294,10 @@ def write_report(runner, missing: list) -> Path:
     ablation = [dict(r, **{f"{c}_paper": PAPER_TABLE2.get(r["setting"], {}).get(c)
                            for c in ("face_sim", "dino")})
                 for r in table if r["backend"] == "photomaker" and r["setting"] in PAPER_TABLE2]
-    tiny_note = ("\n> **Tiny offline run**: random-weight pipelines and random metric models. The "
-                 "numbers exercise the machinery and mean nothing about quality.\n"
-                 if runner.spec.tiny else "")
-    incomplete = (f"\n> **Incomplete**: {len(missing)} of {len(runner.grid)} items lack an image or "
-                  "metric row; run the same command again to finish them.\n" if missing else "")
-    skipped = "".join(f"\n- `{name}` {why}" for name, why in runner.skipped.items())
     paper_rows = [dict(method=name, **values) for name, values in PAPER_TABLE1.items()]
+    images = sum(1 for item in runner.grid if not item.is_multi)
     text = [
-        "# BeyondFacial benchmark report", tiny_note, incomplete,
-        f"Grid: {len(runner.grid)} images; backends {', '.join(runner.targets)}; settings "
+        f"Grid: {images} images; backends {', '.join(runner.targets)}; settings "
         f"{', '.join(s.name for s in runner.spec.settings)}; {len(runner.spec.identities)} "
         f"identities; prompt sets {', '.join(p.name for p in runner.spec.prompt_sets)}; seeds "
         f"{', '.join(map(str, runner.spec.seeds))}; {runner.spec.params.steps} steps at "
@@ -325,17 +322,189 @@ def write_report(runner, missing: list) -> Path:
                              ["backend", "setting"] + [_label(runner, c) for c in closeup]),
              "\n## Speed and memory\n",
              _markdown_table(table, ["backend", "setting", "images", *SPEED_COLUMNS],
-                             ["backend", "setting", "images"] + [LABELS[c] for c in SPEED_COLUMNS]),
-             "\n## Files\n",
-             "- `table1.csv`, `speed.csv`, `items.csv`, `summary.json`",
+                             ["backend", "setting", "images"] + [LABELS[c] for c in SPEED_COLUMNS])]
+    files = ["- `table1.csv`, `speed.csv`, `items.csv`, `summary.json`",
              "- plots: " + ", ".join(f"`plots/{p.name}`" for p in plots),
-             "- contact sheets: " + ", ".join(f"`contact_sheets/{p.name}`" for p in sheets),
-             "- fusion maps: " + (", ".join(f"`fusion/{p.name}`" for p in fusion) or "none")]
+             "- contact sheets: " + ", ".join(f"`contact_sheets/{p.name}`" for p in sheets)]
+    return table, text, files
+
+
+# -- several people (the multi scenario) -------------------------------------------------------
+MULTI_ITEM_KEYS = ("backend", "setting", "identity", "prompt_set", "prompt_index", "seed")
+MULTI_TABLE_KEYS = ("backend", "setting", "method", "images")
+MULTI_SPEED_COLUMNS = ("unet_evals_per_image", "seconds_per_image")
+
+
+def multi_columns(runner) -> list[str]:
+    return list(runner.multi_metric.columns)
+
+
+def multi_table(runner, flat, raw) -> list[dict[str, Any]]:
+    """One row per (backend, setting) of the multi scenario, each column averaged over its
+    images; a row left out (no native mode, too few people served) has 0 images and its
+    reason in ``note``."""
+    from benchmarks.multi import MULTI_SETTINGS, setting_method
+
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for index, entry in enumerate(flat):
+        groups[(entry["backend"], entry["setting"])].append(index)
+    keys = set(groups) | set(runner.multi_left_out)
+    table = []
+    for backend, setting in sorted(keys, key=lambda k: (k[0], MULTI_SETTINGS.index(k[1]))):
+        indices = groups.get((backend, setting), [])
+        row: dict[str, Any] = {"backend": backend, "setting": setting,
+                               "method": setting_method(backend, setting),
+                               "images": len(indices),
+                               "note": runner.multi_left_out.get((backend, setting))}
+        if row["note"]:
+            row["method"] = "left out"
+        for column in multi_columns(runner):
+            row[column] = _mean(flat[i].get(column) for i in indices)
+        row["unet_evals_per_image"] = _mean(flat[i]["model_rows"] for i in indices)
+        row["seconds_per_image"] = _mean(flat[i]["seconds"] for i in indices)
+        table.append(row)
+    return table
+
+
+def outline_people(image, regions, faces, cell: int):
+    """``image`` scaled to ``cell`` pixels wide, each person's region outlined (2 px) and
+    its matched face boxed (1 px) in the person's line colour (``line_colour(j)``, j from 1).
+
+    regions: per person (x0, y0, x1, y1) fractions, or None (not drawn); faces: per person
+    its matched face box x1, y1, x2, y2 in pixels of ``image``, or None.
+    """
+    from PIL import ImageDraw
+
+    from bf_core.visualize import line_colour
+
+    scale = cell / image.width
+    picture = image.convert("RGB").resize((cell, round(image.height * scale)))
+    draw = ImageDraw.Draw(picture)
+    width, height = picture.size
+    for person, region in enumerate(regions or [], start=1):
+        if region is not None:
+            x0, y0, x1, y1 = region
+            draw.rectangle([x0 * width, y0 * height, x1 * width - 1, y1 * height - 1],
+                           outline=line_colour(person), width=2)
+    for person, face in enumerate(faces or [], start=1):
+        if face is not None:
+            x1, y1, x2, y2 = (float(v) * scale for v in face)
+            draw.rectangle([x1, y1, x2, y2], outline=line_colour(person), width=1)
+    return picture
+
+
+def write_multi_contact_sheets(runner, raw, folder: Path) -> list[Path]:
+    """Per backend, pair and seed: rows = prompts, columns = the settings that ran (n_lines,
+    native, person1_only), each image with the regions in use and the matched faces drawn."""
+    from PIL import Image
+
+    from benchmarks.multi import MULTI_SETTINGS
+
+    seeds = list(runner.spec.seeds)[:runner.spec.contact_sheet_seeds]
+    by_key = {}
+    for row in raw:
+        item = row["item"]
+        by_key[(item.backend, item.setting, item.identity, item.prompt_index, item.seed)] = row
+    cell = max(128, min(256, runner.spec.params.width))
+    prompts = runner.spec.multi.prompt_set.prompts
+    written = []
+    for backend in sorted({r["item"].backend for r in raw}):
+        settings = [s for s in MULTI_SETTINGS if any(
+            r["item"].backend == backend and r["item"].setting == s for r in raw)]
+        for pair in dict.fromkeys(r["item"].identity for r in raw if r["item"].backend == backend):
+            for seed in seeds:
+                images, labels = [], []
+                for index in range(len(prompts)):
+                    for setting in settings:
+                        row = by_key.get((backend, setting, pair, index, seed))
+                        record = row["image"] if row is not None else {}
+                        if "files" not in record:  # not generated (yet)
+                            images.append(Image.new("RGB", (cell, cell)))
+                        else:
+                            faces = [m and m["box"] for m in row["matches"] or []]
+                            with Image.open(runner.out / record["files"]["image"]["path"]) as handle:
+                                images.append(outline_people(handle.convert("RGB"),
+                                                             record.get("regions"), faces, cell))
+                        labels.append(f"{setting} {index:02d}")
+                written.append(save_sheet(images, labels, len(settings), cell,
+                                          folder / f"multi__{backend}__{pair}__s{seed}.png"))
+    return written
+
+
+def multi_sections(runner, table, pairs: list[str], sheets: list[Path]) -> list[str]:
+    """The report's "Several people" section."""
+    options = runner.spec.multi
+    columns = multi_columns(runner) + list(MULTI_SPEED_COLUMNS)
+    labels = {**LABELS, **runner.multi_metric.labels}
+    text = [
+        "\n## Several people (multi)\n",
+        f"{len(pairs)} pair(s) ({options.pairs}: {', '.join(pairs) or 'none'}) x "
+        f"{len(options.prompt_set.prompts)} prompt(s) of `{options.prompt_set.name}` x "
+        f"{len(runner.spec.seeds)} seed(s); regions: {options.regions} (person 1 left, person 2 "
+        "right; the native baseline always takes the halves). A face is a person's from an "
+        f"ArcFace cosine of {options.match_threshold:g} %. ID recall: share of persons matched "
+        "to a distinct face above it; Swap/blend: images where one face matches two persons, or "
+        "a person's best face is matched to, or lies in the region of, another person; Face "
+        "count OK: images with exactly two faces found; face area and height per matched face "
+        "(0 for a person without one). Percent except Faces found and speed.\n",
+        _markdown_table(table, ["backend", "setting", "method", "images", *columns],
+                        ["backend", "setting", "method", "images"]
+                        + [labels.get(c, c) for c in columns]),
+    ]
+    left_out = [r for r in table if r["note"]]
+    if left_out or runner.multi_notes:
+        text += ["\nLeft out:\n"] + [f"- `{r['backend']}` {r['setting']}: it {r['note']}"
+                                      for r in left_out] + [f"- {n}" for n in runner.multi_notes]
+    text += ["\nContact sheets: one per backend, pair and seed, prompts down, settings across; "
+             "each person's region outlined in its colour (person 1 orange, person 2 green), "
+             "its matched face boxed thinly in the same colour: "
+             + (", ".join(f"`contact_sheets/{p.name}`" for p in sheets) or "none")]
+    return text
+
+
+def write_report(runner, missing: list) -> Path:
+    """Write everything under ``<out>/report``; returns that folder."""
+    folder = runner.out / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    every_flat, every_raw = item_rows(runner)
+    single = [k for k, r in enumerate(every_raw) if not r["item"].is_multi]
+    flat, raw = [every_flat[k] for k in single], [every_raw[k] for k in single]
+    multi_flat = [e for e, r in zip(every_flat, every_raw, strict=True) if r["item"].is_multi]
+    multi_raw = [r for r in every_raw if r["item"].is_multi]
+    text = ["# BeyondFacial benchmark report",
+            ("\n> **Tiny offline run**: random-weight pipelines and random metric models. The "
+             "numbers exercise the machinery and mean nothing about quality.\n"
+             if runner.spec.tiny else ""),
+            (f"\n> **Incomplete**: {len(missing)} of {len(runner.grid)} items lack an image or "
+             "metric row; run the same command again to finish them.\n" if missing else "")]
+    summary: dict[str, Any] = {}
+    files = ["- `summary.json`"]
+    if runner.spec.single:
+        table, sections, files = write_single_person(runner, flat, raw, folder)
+        text += sections
+        summary.update({"table1": table, "paper_table1": PAPER_TABLE1,
+                        "paper_table2": PAPER_TABLE2})
+    fusion = write_fusion_sheets(runner, every_raw, folder / "fusion")
+    if runner.spec.multi is not None:
+        multi = multi_table(runner, multi_flat, multi_raw)
+        columns = multi_columns(runner)
+        item_columns = list(MULTI_ITEM_KEYS) + ["image", "model_rows", "id_region_final",
+                                                *columns, *runner.multi_metric.detail_columns]
+        _write_csv(folder / "multi_items.csv", multi_flat, item_columns)
+        _write_csv(folder / "multi.csv", multi, [*MULTI_TABLE_KEYS, *columns,
+                                                  *MULTI_SPEED_COLUMNS, "note"])
+        sheets = write_multi_contact_sheets(runner, multi_raw, folder / "contact_sheets")
+        pairs = list(dict.fromkeys(r["item"].identity for r in multi_raw))
+        text += multi_sections(runner, multi, pairs, sheets)
+        files += ["- `multi.csv`, `multi_items.csv` (several people)"]
+        summary.update({"multi": multi, "multi_notes": runner.multi_notes})
+    files += ["- fusion maps: " + (", ".join(f"`fusion/{p.name}`" for p in fusion) or "none")]
+    text += ["\n## Files\n", *files]
+    skipped = "".join(f"\n- `{name}` {why}" for name, why in runner.skipped.items())
     if skipped:
         text += ["\n## Backends left out\n", skipped.strip()]
     atomic_write_bytes(folder / "report.md", ("\n".join(text) + "\n").encode())
     atomic_write_json(folder / "summary.json", {
-        "table1": table, "paper_table1": PAPER_TABLE1, "paper_table2": PAPER_TABLE2,
-        "missing_items": [i.item_id for i in missing], "skipped_backends": runner.skipped,
-        "items": len(runner.grid)})
+        **summary, "missing_items": [i.item_id for i in missing],
+        "skipped_backends": runner.skipped, "items": len(runner.grid)})
     return folder

@@ -34,9 +34,12 @@ from benchmarks.metrics import (
     installed_metrics,
     select_metrics,
 )
+from benchmarks.metrics.multi import MultiPeopleMetric
+from benchmarks.multi import MultiOptions, build_multi_grid, make_multi_image
 from benchmarks.scenarios import (
     BenchIdentity,
     GenerationParams,
+    MadeImage,
     PromptSet,
     Setting,
     WorkItem,
@@ -89,6 +92,8 @@ class BenchSpec:
     contact_sheet_seeds: int = 1
     progress: bool = True
     threads: int | None = None  # torch CPU threads during the run; None: leave torch's setting
+    single: bool = True  # the single-person grid (the paper's protocol)
+    multi: MultiOptions | None = None  # the multi scenario (several people); None: not run
 
 
 @dataclass
@@ -208,6 +213,11 @@ class Runner:
         self.skipped: dict[str, str] = {}
         self.targets: dict[str, BackendTarget] = self._targets()
         self.metric_list = select_metrics(installed_metrics(), spec.metrics)
+        #: the multi scenario's rows without images, (backend, setting) -> why; its notes
+        self.multi_left_out: dict[tuple[str, str], str] = {}
+        self.multi_notes: list[str] = []
+        self.multi_metric = (MultiPeopleMetric(spec.multi.match_threshold)
+                             if spec.multi is not None else None)
         self.grid = self._grid()
         self._identities = {i.name: i for i in spec.identities}
         self._identity_images: dict[str, list] = {}
@@ -242,7 +252,21 @@ class Runner:
     def _grid(self) -> list[WorkItem]:
         spec = self.spec
         items = build_grid(list(self.targets), spec.settings, spec.identities, spec.prompt_sets,
-                           spec.seeds, spec.params, spec.checkpoints, spec.base_model)
+                           spec.seeds, spec.params, spec.checkpoints,
+                           spec.base_model) if spec.single else []
+        if spec.multi is not None:
+            from bf_core.plugins import get_registry
+            from bf_core.protocols import max_people
+
+            registry = get_registry()
+            plan = build_multi_grid({name: max_people(registry.get_backend(name))
+                                     for name in self.targets}, spec.multi, spec.identities,
+                                    spec.seeds, spec.params, spec.checkpoints, spec.base_model)
+            self.multi_left_out, self.multi_notes = plan.left_out, plan.notes
+            # A backend's multi items join its single-person ones: one pipeline load each.
+            order = {key: n for n, key in enumerate(dict.fromkeys(
+                i.pipeline_key for i in items + plan.items))}
+            items = sorted(items + plan.items, key=lambda i: order[i.pipeline_key])
         if self.needs_generated_reference:
             fid_set = next(p for p in spec.prompt_sets if p.name == FID_PROMPT_SET)
             count = spec.fid_reference_per_prompt or len(spec.seeds)
@@ -251,7 +275,7 @@ class Runner:
 
     @property
     def needs_generated_reference(self) -> bool:
-        return (any(m.kind == "set" for m in self.metric_list)
+        return (self.spec.single and any(m.kind == "set" for m in self.metric_list)
                 and self.spec.fid_reference_dir is None
                 and any(p.name == FID_PROMPT_SET for p in self.spec.prompt_sets))
 
@@ -316,10 +340,10 @@ class Runner:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        diagnostics: dict[str, Any] = {}
-        fusion = None
         if item.is_reference:
-            image = pipe(**call).images[0]
+            made = MadeImage(pipe(**call).images[0])
+        elif item.is_multi:
+            made = self._multi_image(item, setup, call)
         else:
             setting = next(s for s in self.spec.settings if s.name == item.setting)
             identity = self._identities[item.identity]
@@ -327,32 +351,47 @@ class Runner:
                 identity, self.identity_images(item.identity))}
             bf = bf_core.wrap(pipe, backend=item.backend, config=setting.config)
             result = bf(**call, **extra, return_fusion_maps=setting.config.enabled)
-            image, diagnostics = result.images[0], result.diagnostics
+            fusion = None
             if result.fusion_maps is not None and len(result.fusion_steps):
                 fusion = (result.fusion_maps, result.fusion_steps)
+            made = MadeImage(result.images[0], result.diagnostics, fusion)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak, peak_kind = _peak_memory_mb(getattr(pipe, "device", "cpu"))
+        image, diagnostics = made.image, made.diagnostics
         files = {"image": {"path": self.image_path(item),
                            "sha256": atomic_write_image(self.out / self.image_path(item), image)}}
         id_share = None
-        if fusion is not None:
+        if made.fusion is not None:
             from bf_core.visualize import render_fusion_strip
 
-            maps, steps = fusion
-            strip = render_fusion_strip(maps, steps, sample=0, image=image)
+            maps, steps = made.fusion
+            strip = render_fusion_strip(maps, steps, sample=0, image=image, regions=made.regions)
             path = f"fusion/{item.item_id}.png"
             files["fusion_strip"] = {"path": path,
                                      "sha256": atomic_write_image(self.out / path, strip)}
-            id_share = 100.0 * float(maps[-1, 0].float().mean())
+            # bool maps (one ID line) or line numbers (one per person): any ID line's share
+            id_share = 100.0 * float((maps[-1, 0] > 0).float().mean())
         self.manifest.append({
             "kind": "image", "item": item.item_id, "fingerprint": item.fingerprint,
             "files": files, "seconds": seconds, "model_rows": diagnostics.get("model_rows"),
             "model_calls": diagnostics.get("model_calls"), "peak_memory_mb": peak,
             "peak_memory_kind": peak_kind, "id_region_final": id_share,
-            "device": str(getattr(pipe, "device", "cpu")), "rank": self.rank})
+            "device": str(getattr(pipe, "device", "cpu")), "rank": self.rank, **made.record})
         self._log("generated", item)
+
+    def _multi_image(self, item: WorkItem, setup: PipelineSetup, call: dict[str, Any]
+                     ) -> MadeImage:
+        target = self.targets[item.backend]
+        keywords = [target.call_kwargs(self._identities[name], self.identity_images(name))
+                    for name in item.people]
+        photos = [self.identity_images(name) for name in item.people]
+        # "auto" regions search the preview with the library's default analyser; the tiny
+        # run has no real pack, so the benchmark's random one stands in.
+        preview = self.spec.models.face_analyzer() if self.spec.tiny else None
+        return make_multi_image(item, setup, keywords, photos, call, self.spec.multi.regions,
+                                preview_face_analyzer=preview)
 
     # -- phase 2: metrics ---------------------------------------------------------------------
     def metrics_fingerprint(self, item: WorkItem, image_sha: str) -> str:
@@ -360,6 +399,9 @@ class Runner:
         models = {f.name: getattr(self.spec.models, f.name)
                   for f in dataclasses.fields(self.spec.models)
                   if f.name not in _MODEL_FIELDS_IGNORED}
+        if item.is_multi:
+            return fingerprint(item.fingerprint, image_sha, self.multi_metric.name,
+                               self.multi_metric.threshold, models)
         return fingerprint(item.fingerprint, image_sha, [m.name for m in self.metric_list], models)
 
     def score_all(self) -> None:
@@ -380,6 +422,9 @@ class Runner:
 
         with Image.open(self.out / self.image_path(item)) as handle:
             image = handle.convert("RGB")
+        if item.is_multi:
+            self._score_multi(item, image, image_sha, key, context)
+            return
         identity = None if item.is_reference else self._identities[item.identity]
         sample = Sample(image=image, prompt=item.prompt, identity=identity, item=item)
         values: dict[str, float | None] = {}
@@ -395,6 +440,24 @@ class Runner:
         row_path = f"metrics/{item.item_id}.json"
         row = {"item": item.item_id, "image_sha256": image_sha, "values": values}
         files["row"] = {"path": row_path, "sha256": atomic_write_json(self.out / row_path, row)}
+        self.manifest.append({"kind": "metrics", "item": item.item_id, "fingerprint": key,
+                              "files": files, "image_sha256": image_sha, "rank": self.rank})
+        self._log("scored", item)
+
+    def _score_multi(self, item: WorkItem, image: Any, image_sha: str, key: str,
+                     context: MetricContext) -> None:
+        """The multi metrics of one image; the row also keeps each person's matched face."""
+        record = self.manifest.get("image", item.item_id) or {}
+        regions = record.get("regions")
+        sample = Sample(image=image, prompt=item.prompt, identity=None, item=item)
+        values, matches = self.multi_metric.score(
+            sample, [self._identities[name] for name in item.people],
+            None if regions is None else [None if r is None else tuple(r) for r in regions],
+            context)
+        row_path = f"metrics/{item.item_id}.json"
+        row = {"item": item.item_id, "image_sha256": image_sha, "values": values,
+               "matches": matches}
+        files = {"row": {"path": row_path, "sha256": atomic_write_json(self.out / row_path, row)}}
         self.manifest.append({"kind": "metrics", "item": item.item_id, "fingerprint": key,
                               "files": files, "image_sha256": image_sha, "rank": self.rank})
         self._log("scored", item)
@@ -423,15 +486,17 @@ class Runner:
         return missing
 
     def collect_rows(self) -> list[dict[str, Any]]:
-        """One row per grid item: its keys, image stats and metric values."""
+        """One row per grid item: its keys, image record, metric values (and matches)."""
         rows = []
         for item in self.grid:
             image = self.manifest.get("image", item.item_id) or {}
             metrics = self.manifest.get("metrics", item.item_id)
-            values = {}
+            stored: dict[str, Any] = {}
             if metrics is not None:
-                values = json.loads((self.out / metrics["files"]["row"]["path"]).read_text())["values"]
-            rows.append({"item": item, "image": image, "values": values,
+                stored = json.loads((self.out / metrics["files"]["row"]["path"]).read_text())
+            # "matches": a multi item's matched face per person (drawn on its contact sheet)
+            rows.append({"item": item, "image": image, "values": stored.get("values", {}),
+                         "matches": stored.get("matches"),
                          "features": {k.split(":", 1)[1]: v["path"]
                                       for k, v in (metrics or {}).get("files", {}).items()
                                       if k.startswith("features:")}})
@@ -497,7 +562,11 @@ class Runner:
                 "seeds": list(spec.seeds), "params": dataclasses.asdict(spec.params),
                 "tiny": spec.tiny, "base_model": spec.base_model, "checkpoints": spec.checkpoints,
                 "metrics": [m.name for m in self.metric_list], "world_size": self.world_size,
-                "items": len(self.grid)}
+                "items": len(self.grid), "single": spec.single,
+                "multi": None if spec.multi is None else {
+                    **dataclasses.asdict(spec.multi),
+                    "left_out": {f"{b}/{s}": why for (b, s), why in self.multi_left_out.items()},
+                    "notes": self.multi_notes}}
         atomic_write_json(self.out / "run.json", info)
 
 

@@ -2,7 +2,8 @@
 
 A *scenario* is one backend under one setting (the method off, the method on, or an
 ablation). A *work item* is a scenario applied to one identity, one prompt and one seed:
-exactly one image. Items are ordered so that items sharing a pipeline are adjacent, and
+exactly one image. The ``multi`` scenario's items (``benchmarks.multi``) apply one of its
+settings to a pair of identities instead. Items are ordered so that items sharing a pipeline are adjacent, and
 each has a stable id that names its files, so a rerun finds what is already done.
 """
 
@@ -204,12 +205,21 @@ class WorkItem:
     seed: int
     checkpoint: str | None = None
     fingerprint: str = ""  # hash of everything that decides the pixels
+    #: the persons of a multi item (several people in one image), in order; () otherwise.
+    #: ``identity`` then names them all, joined by "+".
+    people: tuple[str, ...] = ()
 
     @property
     def item_id(self) -> str:
-        """Stable, readable, filesystem-safe: ``backend/setting/identity/set-NN/sSEED``."""
-        return (f"{self.backend}/{self.setting}/{self.identity}/"
+        """Stable, readable, filesystem-safe: ``backend/setting/identity/set-NN/sSEED``,
+        under ``multi/`` for a multi item (its settings are not the grid's)."""
+        item = (f"{self.backend}/{self.setting}/{self.identity}/"
                 f"{self.prompt_set}-{self.prompt_index:02d}/s{self.seed}")
+        return f"multi/{item}" if self.is_multi else item
+
+    @property
+    def is_multi(self) -> bool:
+        return bool(self.people)
 
     @property
     def is_reference(self) -> bool:
@@ -220,14 +230,38 @@ class WorkItem:
         return (self.backend, self.checkpoint)
 
 
+@dataclass
+class MadeImage:
+    """What generating one work item made.
+
+    image: the PIL image; diagnostics: the wrapper's (``model_rows``, ``model_calls``, ...);
+    fusion: the fusion maps (S, N, 1, h, w) and their step indices, drawn as the item's
+    fusion strip, or None; regions: ``result.regions``, outlined on that strip, or None;
+    record: further fields the manifest keeps with the image (a multi item's regions).
+    """
+
+    image: Any
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    fusion: tuple[Any, Any] | None = None
+    regions: list[Any] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
 def fingerprint(*parts: Any) -> str:
     """A short content hash of JSON-serialisable parts (configs, parameters, inputs)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def identity_inputs(identity: BenchIdentity, backend: str) -> list[Any]:
+    """What of a person decides a backend's pixels: its ID prompts and its photos' contents,
+    not their paths, so that a moved run folder keeps its finished items."""
+    return [file_hash(p) for p in identity.images] + [identity.id_prompt,
+                                                      identity.option(backend, "id_prompt")]
 
 
 def build_grid(backends: Sequence[str], settings: Sequence[Setting],
@@ -241,9 +275,7 @@ def build_grid(backends: Sequence[str], settings: Sequence[Setting],
     for backend in backends:
         for identity in identities:
             checkpoint = identity.option(backend, "checkpoint", checkpoints.get(backend))
-            # Photo contents, not paths: a moved run folder keeps its finished items.
-            inputs = [_file_hash(p) for p in identity.images] + [identity.id_prompt,
-                                                          identity.option(backend, "id_prompt")]
+            inputs = identity_inputs(identity, backend)
             for setting in settings:
                 for prompt_set in prompt_sets:
                     for index, prompt in enumerate(prompt_set.prompts):

@@ -49,17 +49,44 @@ def largest_face(analyzer: Any, image: Any):
     embedded where ``analyzer.detect`` embeds every candidate: same box, same embedding,
     a fraction of the work when a busy image (or a random test detector) yields many.
     """
-    from insightface.app.common import Face as DetectedFace
-
-    from bf_core.faces import Face
-
-    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    bgr = _bgr(image)
     app = analyzer.app
     boxes, keypoints = app.det_model.detect(bgr, max_num=1, metric="max")
     if boxes.shape[0] == 0:
         return None
-    found = DetectedFace(bbox=boxes[0, :4], kps=None if keypoints is None else keypoints[0],
-                         det_score=boxes[0, 4])
+    return _embedded_face(app, bgr, boxes[0], None if keypoints is None else keypoints[0])
+
+
+def largest_faces(analyzer: Any, image: Any, limit: int) -> tuple[int, list]:
+    """(how many faces ``image`` holds, the ``limit`` largest of them embedded).
+
+    The count is every detection after the detector's own score threshold and NMS; only
+    the largest ``limit`` boxes (by area, largest first) go through the recogniser, for
+    the reason ``largest_face`` gives. Returns ``bf_core.faces.Face`` objects.
+    """
+    bgr = _bgr(image)
+    app = analyzer.app
+    boxes, keypoints = app.det_model.detect(bgr, max_num=0, metric="max")
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    order = np.argsort(-areas, kind="stable")[:limit]
+    return int(boxes.shape[0]), [
+        _embedded_face(app, bgr, boxes[k], None if keypoints is None else keypoints[k])
+        for k in order]
+
+
+def _bgr(image: Any) -> np.ndarray:
+    """PIL image -> (H, W, 3) uint8 BGR, the order insightface reads."""
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+
+
+def _embedded_face(app: Any, bgr: np.ndarray, box: np.ndarray, kps: np.ndarray | None):
+    """One detection (box row x1, y1, x2, y2, score; its 5 keypoints) embedded as a
+    ``bf_core.faces.Face``: aligned on the keypoints and run through the recogniser."""
+    from insightface.app.common import Face as DetectedFace
+
+    from bf_core.faces import Face
+
+    found = DetectedFace(bbox=box[:4], kps=kps, det_score=box[4])
     app.models["recognition"].get(bgr, found)  # aligns on the keypoints, sets .embedding
     embedding = np.asarray(found.embedding, np.float32).reshape(-1)
     norm = float(np.linalg.norm(embedding))
@@ -69,7 +96,22 @@ def largest_face(analyzer: Any, image: Any):
                 normed_embedding=embedding / norm if norm > 0 else embedding.copy())
 
 
-class _ReferenceCache:
+def reference_face_embeddings(images: list, analyzer: Any) -> list[np.ndarray]:
+    """The normed ArcFace embedding (512,) of the largest face of each reference photo;
+    photos without a face are skipped, and a warning says when none had one."""
+    embeddings = []
+    for image in images:
+        face = largest_face(analyzer, image)
+        if face is not None:
+            embeddings.append(face.normed_embedding)
+    if not embeddings:
+        warnings.warn("no face was found in any reference photo of an identity: its face "
+                      "similarity is left empty; use clearer, frontal reference photos",
+                      stacklevel=3)
+    return embeddings
+
+
+class ReferenceCache:
     """Reference-photo features per identity, computed once per run."""
 
     def __init__(self):
@@ -99,19 +141,7 @@ class FaceMetric:
                         "face_box_height": False}
 
     def __init__(self):
-        self._references = _ReferenceCache()
-
-    def _reference_embeddings(self, images: list, analyzer) -> list[np.ndarray]:
-        embeddings = []
-        for image in images:
-            face = largest_face(analyzer, image)
-            if face is not None:
-                embeddings.append(face.normed_embedding)
-        if not embeddings:
-            warnings.warn("no face was found in any reference photo of an identity: its face "
-                          "similarity is left empty; use clearer, frontal reference photos",
-                          stacklevel=3)
-        return embeddings
+        self._references = ReferenceCache()
 
     def score(self, sample, context) -> dict[str, float | None]:
         analyzer = context.models.face_analyzer()
@@ -121,7 +151,7 @@ class FaceMetric:
                     "face_box_height": 0.0}
         area, height = box_fractions(face.bbox, *sample.image.size)
         references = self._references.get(
-            sample.identity, lambda images: self._reference_embeddings(images, analyzer))
+            sample.identity, lambda images: reference_face_embeddings(images, analyzer))
         return {"face_sim": mean_cosine_percent(face.normed_embedding, references),
                 "face_detected": 100.0, "face_area_fraction": area, "face_box_height": height}
 
@@ -180,7 +210,7 @@ class _ReferenceSimilarity:
     kind = "image"
 
     def __init__(self):
-        self._references = _ReferenceCache()
+        self._references = ReferenceCache()
 
     @staticmethod
     def extract(images: list, models) -> list[np.ndarray]:
