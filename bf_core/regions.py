@@ -156,11 +156,14 @@ def face_region(face_box: Sequence[float], image_size: tuple[int, int], scale: f
             min(1.0, (cx + half_w) / width), min(1.0, (cy + half_h) / height))
 
 
+def box_area(box: Sequence[float]) -> float:
+    """(x1 - x0) * (y1 - y0) of a box (x0, y0, x1, y1): the key of "the largest face"."""
+    return (float(box[2]) - float(box[0])) * (float(box[3]) - float(box[1]))
+
+
 def faces_left_to_right(face_boxes: Sequence[Sequence[float]], count: int) -> list[Sequence[float]]:
     """The ``count`` largest boxes (x0, y0, x1, y1), ordered by their centre's x."""
-    largest = sorted(face_boxes, key=lambda b: (float(b[2]) - float(b[0])) * (float(b[3]) -
-                                                                              float(b[1])))
-    chosen = largest[::-1][:count]
+    chosen = sorted(face_boxes, key=box_area, reverse=True)[:count]
     return sorted(chosen, key=lambda b: (float(b[0]) + float(b[2])) / 2)
 
 
@@ -301,8 +304,7 @@ def person_face_boxes(regions: Sequence[Any], faces_per_image: Sequence[Sequence
     width, height = image_size
     boxes: list[list[Box | None]] = []
     for image, faces in enumerate(faces_per_image):
-        by_size = sorted(faces, key=lambda b: (float(b[2]) - float(b[0])) * (float(b[3]) -
-                                                                             float(b[1])))[::-1]
+        by_size = sorted(faces, key=box_area, reverse=True)
         row: list[Box | None] = []
         for j, region in enumerate(regions):
             found = used[image][j] if used else None
