@@ -359,6 +359,11 @@ def denoise(host: HostCall, session: BackendSession, plan: LinePlan, config: BFC
             record: LoopRecord, detector: Any = None) -> torch.Tensor:
     """The loop over the host's steps; returns the final latents, checked for finiteness."""
     latents = host.initial_latents()
+    if plan.has_id_lines and not plan.has_auto_regions:
+        # Given boxes and masks go on the grid now: a bad one is named before the first
+        # step, and the loop builds (and checks) no grid on the host.
+        grid = host.fusion_layout(latents)
+        plan.region_masks(*grid.shape[-2:], grid.device)
     watch = FiniteWatch(plan.line_names)
     last = -1
     with host.progress() as progress:

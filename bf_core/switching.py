@@ -13,7 +13,7 @@ rows of chosen lines.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,11 +69,12 @@ def _selected_layers(modules: Iterable[torch.nn.Module | None],
 
 
 def active_up_projections(layers: Iterable[torch.nn.Module],
-                          adapter_names: Iterable[str] | None = None) -> list[torch.nn.Module]:
-    """The up-projections (``lora_B``) of the adapters each enabled layer applies, limited
-    to ``adapter_names`` when given."""
+                          adapter_names: Iterable[str] | None = None
+                          ) -> list[tuple[str, torch.nn.Module]]:
+    """The up-projections (``lora_B``) of the adapters each enabled layer applies, with the
+    adapter's name, limited to ``adapter_names`` when given."""
     wanted = None if adapter_names is None else set(adapter_names)
-    return [layer.lora_B[name] for layer in layers if not layer._disable_adapters
+    return [(name, layer.lora_B[name]) for layer in layers if not layer._disable_adapters
             for name in sorted(active_adapter_names(layer))
             if name in layer.lora_B and (wanted is None or name in wanted)]
 
@@ -94,11 +95,17 @@ def _cached_row_mask(row_lines: tuple[Line, ...], wanted: frozenset, device: str
 
 
 def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(R,) mask shaped to broadcast over ``like`` (R, ...), in its dtype."""
+    """(R,) mask shaped to broadcast over ``like`` (R, ...), in its dtype; a 0-dim mask
+    (one switch for every row) broadcasts as it is."""
+    if mask.ndim == 0:
+        return mask.to(like.dtype)
     if like.shape[0] != mask.shape[0]:
         raise RuntimeError(f"a row-masked layer saw {like.shape[0]} rows but the mask has "
                            f"{mask.shape[0]}; this layer folds the batch and cannot be row-masked")
     return mask.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+RowMasks = torch.Tensor | Mapping[str, torch.Tensor]
 
 
 class RowMaskedLoRA:
@@ -116,36 +123,44 @@ class RowMaskedLoRA:
         self.layers = list(layers)
         self.adapter_names = None if adapter_names is None else list(adapter_names)
         self._hooks: list | None = None
-        self._mask: torch.Tensor | None = None
-        # The mask reshaped per output layout, made once per block, not once per layer.
+        self._masks: RowMasks | None = None
+        # Each mask reshaped per output layout, made once per block, not once per layer.
         self._shaped: dict[tuple, torch.Tensor] = {}
 
     @contextmanager
-    def rows(self, enabled_rows: torch.Tensor) -> Iterator[None]:
-        """LoRA on for the rows where ``enabled_rows`` (R,) is 1 and off where it is 0."""
+    def rows(self, enabled_rows: RowMasks) -> Iterator[None]:
+        """LoRA on for the rows where the mask is 1 and off where it is 0.
+
+        ``enabled_rows``: one (R,) mask for every adapter, or a mapping from adapter name to
+        its own (R,) mask (an adapter the mapping leaves out stays on). A 0-dim mask
+        switches every row at once, for modules that see a batch of another size (a text
+        encoder encoding one prompt).
+        """
         if self._hooks is None:
-            self._hooks = [up.register_forward_hook(self._scale)
-                           for up in active_up_projections(self.layers, self.adapter_names)]
-        self._mask, self._shaped = enabled_rows, {}
+            self._hooks = [up.register_forward_hook(functools.partial(self._scale, name))
+                           for name, up in active_up_projections(self.layers, self.adapter_names)]
+        self._masks, self._shaped = enabled_rows, {}
         try:
             yield
         finally:
-            self._mask, self._shaped = None, {}
+            self._masks, self._shaped = None, {}
 
-    def _scale(self, module: torch.nn.Module, args: Any, output: torch.Tensor):
-        if self._mask is None:
+    def _scale(self, adapter_name: str, module: torch.nn.Module, args: Any, output: torch.Tensor):
+        masks = self._masks
+        mask = masks.get(adapter_name) if isinstance(masks, Mapping) else masks
+        if mask is None:
             return None
-        layout = (output.shape[0], output.ndim, output.dtype)
+        layout = (adapter_name, output.shape[0], output.ndim, output.dtype)
         shaped = self._shaped.get(layout)
         if shaped is None:
-            shaped = self._shaped[layout] = _per_row(self._mask, output)
+            shaped = self._shaped[layout] = _per_row(mask, output)
         return output * shaped
 
     def close(self) -> None:
         """Remove the hooks, if any were installed."""
         for handle in self._hooks or ():
             handle.remove()
-        self._hooks, self._mask = None, None
+        self._hooks, self._masks = None, None
 
 
 class AdapterSwitch:
@@ -212,8 +227,9 @@ class AdapterSwitch:
         return self._row_maskable
 
     @contextmanager
-    def rows(self, enabled_rows: torch.Tensor) -> Iterator[None]:
-        """Adapters on for the rows where ``enabled_rows`` is 1, off where it is 0.
+    def rows(self, enabled_rows: RowMasks) -> Iterator[None]:
+        """Adapters on for the rows where ``enabled_rows`` is 1, off where it is 0 (one
+        mask, or one per adapter name: ``RowMaskedLoRA.rows``).
 
         The up-projection hooks are installed on first use and stay until ``close``; between
         uses they pass outputs through untouched, so a step costs no hook registration.

@@ -1,7 +1,8 @@
 """The DreamBooth backend: a plain SDXL pipeline whose identity lives in a prompt trigger.
 
 ID line: ``id_prompt`` (for example "a photo of sks person") with the pipeline's LoRA
-adapters active, as the user set them. Semantic line: the scene prompt with every PEFT
+adapters active, as the user set them; with several people, the option ``person_adapters``
+keeps only each person's own adapters on in their line (``state``). Semantic line: the scene prompt with every PEFT
 adapter switched off in the UNet and both text encoders (``BFConfig.semantic_adapters``
 "on" keeps them). T_id: the ID line's prompt embeddings (77 tokens).
 """
@@ -15,10 +16,14 @@ from typing import Any
 import torch
 
 from bf_core.config import BFConfig
+from bf_core.errors import ConfigError
 from bf_core.hosts import sdxl
 from bf_core.hosts.sdxl import RowBatch, SDXLModel
 from bf_core.records import Identity, Line, LineConditioning
 from bf_core.switching import AdapterSwitch, row_mask
+
+from . import state
+from .encoder import PersonPromptEncoder
 
 
 class DreamBoothSession(sdxl.SDXLSession):
@@ -26,19 +31,51 @@ class DreamBoothSession(sdxl.SDXLSession):
 
     def open(self, restore: ExitStack) -> None:
         # Found once per call, reused at every step.
-        self.unet_adapters = AdapterSwitch([self.pipe.unet])
+        pipe = self.pipe
+        self.unet_adapters = AdapterSwitch([pipe.unet])
         restore.callback(self.unet_adapters.close)
-        self.text_adapters = AdapterSwitch([self.pipe.text_encoder, self.pipe.text_encoder_2])
+        self.text_adapters = AdapterSwitch([pipe.text_encoder, pipe.text_encoder_2])
+        restore.callback(self.text_adapters.close)
+        entries = state.parse_person_adapters(self.request.backend_options.get(state.OPTION))
+        self.person_adapters: list[state.PersonAdapters] | None = None
+        if entries is not None:
+            entries, self.active_adapters = state.check_person_adapters(
+                entries, [pipe.unet, pipe.text_encoder, pipe.text_encoder_2])
+            if not (self.unet_adapters.row_maskable and self.text_adapters.row_maskable):
+                raise ConfigError(
+                    f"{state.OPTION} switches each person's LoRA per row, which needs plain, "
+                    "unfused LoRA layers; this pipeline has a fused or DoRA adapter. Call "
+                    "pipe.unfuse_lora() first, or leave the option out")
+            self.person_adapters = entries
+            self.encoder = PersonPromptEncoder(self)
+            self._row_masks: dict[tuple, dict[str, torch.Tensor]] = {}
 
     @property
     def _semantic_off(self) -> bool:
         return self.config.semantic_adapters == "off"
 
     def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
+        if line is Line.ID:
+            return self.person_text(identity.id_prompt, identity.state.get("adapters"))
+        self._check_one_entry_per_person()  # asked after every person was encoded
         if line is Line.SEMANTIC and self._semantic_off:
             with self.text_adapters.disabled():  # the scene prompt through the base encoders
                 return super().conditioning(line, identity)
         return super().conditioning(line, identity)
+
+    def person_text(self, id_prompt: str, adapters: state.PersonAdapters) -> LineConditioning:
+        """A person's ID-line text, with only their adapters on in the text encoders."""
+        if adapters is None or not self.text_adapters.all_layers:
+            return self.id_text(id_prompt)
+        with self.text_adapters.rows(state.text_encoder_switches(adapters, self.active_adapters)):
+            return self.id_text(id_prompt, variant=adapters)
+
+    def _check_one_entry_per_person(self) -> None:
+        if self.person_adapters is not None and self.encoder.encoded != len(self.person_adapters):
+            raise ConfigError(f"{state.OPTION} has {len(self.person_adapters)} entries but the "
+                              f"call has {self.encoder.encoded} "
+                              f"{'person' if self.encoder.encoded == 1 else 'people'}; give one "
+                              "entry per person")
 
     @contextmanager
     def line_state(self, line: Line) -> Iterator[None]:
@@ -58,16 +95,33 @@ class DreamBoothSession(sdxl.SDXLSession):
         with self.unet_adapters.rows(row_mask(batch, (Line.ID, Line.BASELINE))):
             yield
 
+    def person_rows(self, batch: RowBatch):
+        """Each person's rows with only their adapters on (``person_adapters``); the masks
+        are made once per row layout, so a step builds no tensor."""
+        key = (state.row_layout(batch), str(batch.sample.device))
+        masks = self._row_masks.get(key)
+        if masks is None:
+            masks = self._row_masks[key] = state.person_row_masks(
+                key[0], self.person_adapters, self.active_adapters, not self._semantic_off,
+                batch.sample.device)
+        return self.unet_adapters.rows(masks)
+
     def negative_shareable(self) -> bool:
-        # With adapters on for both lines, the two lines run the very same model.
-        return not self._semantic_off
+        # With adapters on for both lines, the two lines run the very same model, unless a
+        # person keeps only some of them.
+        return not self._semantic_off and all(entry is None for entry in self.person_adapters or ())
 
     def supports_row_batching(self, batch: RowBatch) -> bool:
         return not self._semantic_off or self.unet_adapters.row_maskable
 
     def predict(self, batch: RowBatch, model: SDXLModel) -> torch.Tensor:
-        state = self.rows_state(batch) if batch.parts else self.line_state(batch.line)
-        with state:
+        if self.person_adapters is not None and (batch.parts or batch.line is Line.ID):
+            state_now = self.person_rows(batch)
+        elif batch.parts:
+            state_now = self.rows_state(batch)
+        else:
+            state_now = self.line_state(batch.line)
+        with state_now:
             return model(batch)
 
 
@@ -81,9 +135,12 @@ class DreamBoothBackend:
     priority = 0  # the fallback: method-specific backends recognise richer pipelines first
     default_id_prompt = "a photo of sks person"
     hosts = (sdxl.HOST_NAME,)
-    options = sdxl.ID_LINE_OPTIONS
-    #: people are told apart by their id_prompt; the LoRA rows switch per line kind, so any
-    #: number of ID lines shares one merged call
+    options = {**sdxl.ID_LINE_OPTIONS,
+               state.OPTION: "several people, each on their own LoRA: one entry per person, the "
+                             "adapter name(s) their ID line keeps on (None: every active one)"}
+    #: people are told apart by their id_prompt, each on the same LoRA or their own
+    #: (person_adapters); the LoRA rows switch per row, so any number of ID lines shares
+    #: one merged call
     max_people = 4
 
     def recognizes(self, pipe: Any) -> bool:

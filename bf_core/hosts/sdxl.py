@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -885,7 +885,7 @@ class SDXLSession:
         self.backend, self.call, self.config = backend, call, config
         self.pipe, self.request = call.pipe, call.request
         self.encoder: IdentityEncoder = PromptIdentityEncoder(self)
-        self._texts: dict[tuple[Line, str | None], LineConditioning] = {}
+        self._texts: dict[tuple, LineConditioning] = {}
         self.line_identities = LineIdentities()
 
     # -- BackendSession --------------------------------------------------------------------------
@@ -911,9 +911,12 @@ class SDXLSession:
         return model(batch)
 
     # -- text helpers ------------------------------------------------------------------------------
-    def id_text(self, id_prompt: str) -> LineConditioning:
-        """The ID line's text: ``P_id`` with the ID line's negative prompt, encoded once."""
-        key = (Line.ID, id_prompt)
+    def id_text(self, id_prompt: str, variant: Hashable = None) -> LineConditioning:
+        """The ID line's text: ``P_id`` with the ID line's negative prompt, encoded once.
+
+        variant: whatever else changes the text encoders' output for this line (the LoRA
+        adapters a person's line keeps on), so that each variant is encoded once."""
+        key = (Line.ID, id_prompt, variant)
         if key not in self._texts:
             options = self.request.backend_options
             self._texts[key] = encode_line_text(

@@ -134,6 +134,46 @@ def test_step_loop_never_reads_tensor_values_on_the_host(name):
     assert len(after) == 1 and "finite.py" in after[0], after
 
 
+def two_people_on_their_own_loras() -> tuple[SpeedSetup, dict]:
+    """DreamBooth's set-up with a second LoRA, and a call that gives each person their own."""
+    from peft import LoraConfig
+
+    setup = backend_setup("dreambooth")
+    setup.pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                                adapter_name="second")
+    setup.pipe.set_adapters(["identity", "second"])
+    people = [bf_core.Person(id_prompt="a photo of sks woman", region=(0.0, 0.0, 0.5, 1.0)),
+              bf_core.Person(id_prompt="a photo of sks man", region=(0.5, 0.0, 1.0, 1.0))]
+    return setup, dict(people=people, person_adapters=["identity", "second"])
+
+
+def test_a_lora_per_person_compiles_once_and_reads_nothing_on_the_host():
+    setup, call = two_people_on_their_own_loras()
+
+    def generate_people(steps=6):
+        wrapper = bf_core.wrap(setup.pipe, backend="dreambooth")
+        return wrapper(prompt=speed.PROMPT, num_inference_steps=steps, height=64, width=64,
+                       output_type="latent", generator=torch.Generator().manual_seed(0), **call)
+
+    recorder = HostReadRecorder(setup.pipe.unet)
+    try:
+        with recorder:
+            eager = generate_people()
+    finally:
+        recorder.close()
+    assert recorder.model_calls == eager.diagnostics["model_calls"] == 6
+    assert [r for r in recorder.reads if 0 < r[0] < recorder.model_calls] == []
+    setup.pipe.unet = torch.compile(setup.pipe.unet, fullgraph=True, backend="eager")
+    counters.clear()
+    first = generate_people()
+    assert counters["graph_break"] == {} and counters["stats"]["unique_graphs"] > 0
+    torch.testing.assert_close(first.images, eager.images, rtol=0, atol=1e-5)
+    counters.clear()
+    generate_people()
+    assert counters["stats"]["unique_graphs"] == 0, "the second call recompiled the UNet"
+
+
 def test_host_read_recorder_catches_a_read_planted_in_the_loop(monkeypatch):
     import bf_core.loop
 

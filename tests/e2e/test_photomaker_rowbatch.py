@@ -35,7 +35,7 @@ def with_style_lora(pipe):
 
 
 def lora_up_projections(unet) -> list[torch.nn.Module]:
-    return active_up_projections([layer for _, layer in peft_tuner_layers(unet)])
+    return [up for _, up in active_up_projections([layer for _, layer in peft_tuner_layers(unet)])]
 
 
 def line_batch(line: Line, rows: int, length: int, seed: int) -> RowBatch:

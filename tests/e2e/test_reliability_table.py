@@ -278,6 +278,11 @@ CASES = {
     "unknown or missing state-dict keys": (lambda bf, tmp: wrong_keys(tmp), "missing key"),
     "a DreamBooth LoRA file diffusers cannot read": (lambda bf, tmp: unreadable_lora(tmp),
                                                      "could not load it as an SDXL LoRA"),
+    "`person_adapters` naming an adapter the pipeline has not loaded": (
+        lambda bf, tmp: call(bf, person_adapters=["nope"]), "which the pipeline has not loaded"),
+    "`person_adapters` with another number of entries than people": (
+        lambda bf, tmp: call(bf, person_adapters=["identity", "identity"]),
+        "has 2 entries but the call has 1 person"),
     "NaN in the ID line's prediction": (lambda bf, tmp: nan_in_id_line(bf),
                                         "the ID line's prediction holds NaN"),
     "NaN out of the VAE": (lambda bf, tmp: nan_from_vae(bf), "VAE decoded NaN"),
