@@ -198,7 +198,10 @@ def idap_conditioning(cond: LineConditioning, identities: Sequence[Identity], co
                                                                               strict=True)]
         negative = idap_prepend(torch.cat(negatives, dim=1), cond.negative_prompt_embeds)
     selection = torch.cat([idap_selection(t_id, query, idap.temperature) for t_id in t_ids], dim=1)
-    return LineConditioning(positive, cond.pooled, negative, cond.negative_pooled), selection
+    prepended = positive.shape[1] - cond.prompt_embeds.shape[1]
+    return LineConditioning(positive, cond.pooled, negative, cond.negative_pooled,
+                            trailing_padding=cond.trailing_padding,
+                            prepended_tokens=prepended), selection
 
 
 def idap_negative_tokens(identity: Identity, query: torch.Tensor, config: BFConfig, rows: int,
@@ -275,8 +278,8 @@ def evaluate(host: HostCall, session: BackendSession, batches: list[RowBatchLike
     """Each batch's raw model output, and the number of model calls that made them: one
     merged, row-masked call when the backend can switch its machinery per row."""
     if batch_lines and len(batches) > 1:
-        merged = host.merge(batches)
-        if session.supports_row_batching(merged):
+        merged = host.merge(batches)  # None: the host cannot hold these rows in one call
+        if merged is not None and session.supports_row_batching(merged):
             return host.split(session.predict(merged, host.model), merged), 1
     return [session.predict(batch, host.model) for batch in batches], len(batches)
 
@@ -401,13 +404,14 @@ def run(host: HostCall, session: BackendSession, config: BFConfig, people: Seque
         latents = denoise(host, session, plan, config, record, detector)
     if keep_maps:
         record.diagnostics["fusion_steps"] = record.fusion_steps
-    record.regions = regions_in_use(plan, latents)
+    record.regions = regions_in_use(plan, host.fusion_layout(latents))
     return latents, record
 
 
 def regions_in_use(plan: LinePlan, latents: torch.Tensor) -> list[torch.Tensor | None]:
     """Each person's region as the fusion used it, (R, h, w) bool on CPU, or None for the
-    whole frame (and for an ``"auto"`` region no ID line ever ran to resolve)."""
+    whole frame (and for an ``"auto"`` region no ID line ever ran to resolve). ``latents``:
+    the final latents in the fusion layout (R, C, h, w)."""
     plan.drop_unresolved_auto_regions()
     rows = latents.shape[0]
     masks = plan.region_masks(*latents.shape[-2:], latents.device)  # the fusion's, cached

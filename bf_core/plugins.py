@@ -40,6 +40,7 @@ BUILTIN_DISTRIBUTION = "beyondfacial"
 #: never installed (so its entry points are not visible)
 BUILTIN_PLUGINS = {
     "sdxl": "bf_core.hosts.sdxl",
+    "flux": "bf_core.hosts.flux",
     "dreambooth": "bf_backends.dreambooth",
     "photomaker": "bf_backends.photomaker",
     "ipadapter": "bf_backends.ipadapter",
@@ -47,7 +48,7 @@ BUILTIN_PLUGINS = {
     "pulid": "bf_backends.pulid",
 }
 #: the built-in plugins that register hosts (base-model families), not backends
-BUILTIN_HOSTS = frozenset({"sdxl"})
+BUILTIN_HOSTS = frozenset({"sdxl", "flux"})
 #: backend names only the built-in plugins may register (unless the user chooses otherwise)
 RESERVED_BACKEND_NAMES = frozenset(BUILTIN_PLUGINS) - BUILTIN_HOSTS
 

@@ -80,12 +80,17 @@ class LineConditioning:
 
     prompt_embeds / negative_prompt_embeds: (R, L, D), R = prompts x images per prompt.
     pooled / negative_pooled: (R, P). Negatives are None when CFG is off.
+    trailing_padding: how many of the last tokens are padding in every row of both
+        branches, when the host knows (FLUX's T5 text); None when unknown.
+    prepended_tokens: how many tokens IdAP put in front (N*K), 0 for plain text.
     """
 
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
+    trailing_padding: int | None = None
+    prepended_tokens: int = 0
 
 
 @dataclass

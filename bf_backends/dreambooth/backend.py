@@ -17,7 +17,7 @@ import torch
 
 from bf_core.config import BFConfig
 from bf_core.errors import ConfigError
-from bf_core.hosts import sdxl
+from bf_core.hosts import flux, sdxl
 from bf_core.hosts.sdxl import RowBatch, SDXLModel
 from bf_core.records import Identity, Line, LineConditioning
 from bf_core.switching import AdapterSwitch, row_mask
@@ -26,13 +26,15 @@ from . import state
 from .encoder import PersonPromptEncoder
 
 
-class DreamBoothSession(sdxl.SDXLSession):
-    """Per-call state: which adapters each line sees."""
+class DreamBoothLines:
+    """Per-call state: which adapters each line sees. Host-agnostic: mixed into the SDXL
+    and FLUX base sessions, it switches the adapters of the denoiser (the UNet or the
+    transformer) and of both text encoders."""
 
     def open(self, restore: ExitStack) -> None:
         # Found once per call, reused at every step.
         pipe = self.pipe
-        self.unet_adapters = AdapterSwitch([pipe.unet])
+        self.unet_adapters = AdapterSwitch([self.denoiser])
         restore.callback(self.unet_adapters.close)
         self.text_adapters = AdapterSwitch([pipe.text_encoder, pipe.text_encoder_2])
         restore.callback(self.text_adapters.close)
@@ -40,7 +42,7 @@ class DreamBoothSession(sdxl.SDXLSession):
         self.person_adapters: list[state.PersonAdapters] | None = None
         if entries is not None:
             entries, self.active_adapters = state.check_person_adapters(
-                entries, [pipe.unet, pipe.text_encoder, pipe.text_encoder_2])
+                entries, [self.denoiser, pipe.text_encoder, pipe.text_encoder_2])
             if not (self.unet_adapters.row_maskable and self.text_adapters.row_maskable):
                 raise ConfigError(
                     f"{state.OPTION} switches each person's LoRA per row, which needs plain, "
@@ -125,16 +127,33 @@ class DreamBoothSession(sdxl.SDXLSession):
             return model(batch)
 
 
+class DreamBoothSession(DreamBoothLines, sdxl.SDXLSession):
+    """DreamBooth on SDXL: the adapters of the UNet."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+
+class DreamBoothFluxSession(DreamBoothLines, flux.FluxSession):
+    """DreamBooth on FLUX.1 (a character LoRA of the transformer): the same lines, with the
+    transformer's adapters switched per row."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+
 class DreamBoothBackend:
     """Identity from a DreamBooth/character LoRA or a textual-inversion token."""
 
     name = "dreambooth"
     recognizes_description = (
-        "any diffusers StableDiffusionXLPipeline without an IP-Adapter; the identity is a "
-        "prompt trigger (id_prompt) of a LoRA or textual inversion you loaded")
+        "any diffusers StableDiffusionXLPipeline or FluxPipeline without an IP-Adapter; the "
+        "identity is a prompt trigger (id_prompt) of a LoRA or textual inversion you loaded")
     priority = 0  # the fallback: method-specific backends recognise richer pipelines first
     default_id_prompt = "a photo of sks person"
-    hosts = (sdxl.HOST_NAME,)
+    hosts = (sdxl.HOST_NAME, flux.HOST_NAME)
     options = {**sdxl.ID_LINE_OPTIONS,
                state.OPTION: "several people, each on their own LoRA: one entry per person, the "
                              "adapter name(s) their ID line keeps on (None: every active one)"}
@@ -144,9 +163,13 @@ class DreamBoothBackend:
     max_people = 4
 
     def recognizes(self, pipe: Any) -> bool:
+        if flux.is_flux_pipeline(pipe):
+            return not flux.has_identity_machinery(pipe)
         return sdxl.is_sdxl_pipeline(pipe) and not sdxl.has_ip_adapter(pipe)
 
-    def open_session(self, call: sdxl.SDXLCall, config: BFConfig) -> DreamBoothSession:
+    def open_session(self, call: Any, config: BFConfig) -> DreamBoothLines:
+        if isinstance(call, flux.FluxCall):
+            return DreamBoothFluxSession(self, call, config)
         return DreamBoothSession(self, call, config)
 
 

@@ -11,10 +11,17 @@ SCENE_PROMPT = "a person is kneeling by a small lake, touching the water"
 ID_PROMPT = "a photo of sks person"
 
 
-def tiny_setup(seed: int = 0) -> PipelineSetup:
-    """A tiny offline SDXL pipeline with a random identity LoRA, and its trigger prompt."""
-    pipe = tiny_sdxl_pipeline(seed=seed)
-    add_tiny_lora(pipe, adapter_name="identity", seed=seed)
+def tiny_setup(seed: int = 0, host: str = "sdxl") -> PipelineSetup:
+    """A tiny offline SDXL (or, with ``host="flux"``, FLUX.1) pipeline with a random identity
+    LoRA, and its trigger prompt."""
+    if host == "flux":
+        from bf_core.testing.tiny_flux import add_tiny_flux_lora, tiny_flux_pipeline
+
+        pipe = tiny_flux_pipeline(seed=seed)
+        add_tiny_flux_lora(pipe, adapter_name="identity", seed=seed)
+    else:
+        pipe = tiny_sdxl_pipeline(seed=seed)
+        add_tiny_lora(pipe, adapter_name="identity", seed=seed)
     return PipelineSetup(pipe, identity={"id_prompt": ID_PROMPT})
 
 

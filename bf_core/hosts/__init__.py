@@ -43,6 +43,36 @@ class RowBatchLike(Protocol):
     def rows(self) -> int: ...
 
 
+class RowsOfLines:
+    """What every host's row batch answers from its ``line``, ``sample`` (rows first),
+    ``branches`` and ``parts`` (the one-line batches a merged batch holds, in row order)."""
+
+    line: Line | None
+    sample: torch.Tensor
+    branches: tuple
+    parts: tuple
+
+    @property
+    def rows(self) -> int:
+        return self.sample.shape[0]
+
+    @property
+    def rows_per_branch(self) -> int:
+        return self.rows // len(self.branches)
+
+    @property
+    def row_lines(self) -> tuple[Line, ...]:
+        """The line of each row."""
+        if self.parts:
+            return tuple(line for part in self.parts for line in part.row_lines)
+        return (self.line,) * self.rows
+
+    @property
+    def lines(self) -> tuple[Line, ...]:
+        """The lines whose rows the batch holds, in order."""
+        return tuple(part.line for part in self.parts) if self.parts else (self.line,)
+
+
 #: The host's model call for a batch of rows: ``model(batch, **extra) -> output``; a backend
 #: session wraps it with its machinery (see ``BackendSession.predict``).
 ModelCall = Callable[..., torch.Tensor]
@@ -98,8 +128,9 @@ class HostCall(Protocol):
         rows so that a backend can give each person's rows that person's identity state."""
         ...
 
-    def merge(self, batches: list[RowBatchLike]) -> RowBatchLike:
-        """One batch holding every row of ``batches``, in order, tagged per row by line."""
+    def merge(self, batches: list[RowBatchLike]) -> RowBatchLike | None:
+        """One batch holding every row of ``batches``, in order, tagged per row by line; None
+        when one model call cannot hold them (then each runs on its own)."""
         ...
 
     def split(self, output: torch.Tensor, merged: RowBatchLike) -> list[torch.Tensor]:

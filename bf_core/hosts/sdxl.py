@@ -30,7 +30,7 @@ from bf_core.config import BFConfig
 from bf_core.errors import ConfigError
 from bf_core.finite import check_decoded
 from bf_core.hookspecs import hookimpl
-from bf_core.hosts import Step
+from bf_core.hosts import RowsOfLines, Step
 from bf_core.protocols import IdentityEncoder
 from bf_core.records import (
     BOTH_BRANCHES,
@@ -182,7 +182,7 @@ class LineTensors:
 
 
 @dataclass
-class RowBatch:
+class RowBatch(RowsOfLines):
     """The rows of one UNet evaluation: one line's, or several lines' merged into one call.
 
     line: the line of every row, or None for a merged batch, whose ``parts`` are the
@@ -208,26 +208,6 @@ class RowBatch:
     parts: tuple[RowBatch, ...] = ()
     encoder_attention_mask: torch.Tensor | None = None
     line_index: int = 0  # 0 the semantic (or baseline) line, j person j's ID line
-
-    @property
-    def rows(self) -> int:
-        return self.sample.shape[0]
-
-    @property
-    def rows_per_branch(self) -> int:
-        return self.rows // len(self.branches)
-
-    @property
-    def row_lines(self) -> tuple[Line, ...]:
-        """The line of each row."""
-        if self.parts:
-            return tuple(line for part in self.parts for line in part.row_lines)
-        return (self.line,) * self.rows
-
-    @property
-    def lines(self) -> tuple[Line, ...]:
-        """The lines whose rows the batch holds, in order."""
-        return tuple(part.line for part in self.parts) if self.parts else (self.line,)
 
 
 def pad_tokens(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
