@@ -36,7 +36,7 @@ from bf_core.errors import ConfigError
 from bf_core.finite import FiniteWatch
 from bf_core.fusion import cfg_delta_saliency, fuse_lines
 from bf_core.hosts import HostCall, LineInputs, RowBatchLike, Step
-from bf_core.protocols import BackendSession, preview_face_detector
+from bf_core.protocols import BackendSession, idap_applicable, preview_face_detector
 from bf_core.records import (
     Identity,
     Line,
@@ -220,6 +220,19 @@ def idap_negative_tokens(identity: Identity, query: torch.Tensor, config: BFConf
 
 
 # -- the plan -----------------------------------------------------------------------------------
+_IDAP_WARNED: set[str] = set()
+
+
+def warn_idap_not_applicable(backend: str) -> None:
+    """Once per backend and process: IdAP is skipped because the backend's ID tokens do not
+    live in the model's text-token space."""
+    if backend not in _IDAP_WARNED:
+        _IDAP_WARNED.add(backend)
+        warnings.warn(f"IdAP does not apply to the {backend} backend (its ID tokens are not in "
+                      "the model's text-token space); the semantic line runs without it. "
+                      "BFConfig(use_idap=False) says so explicitly.", stacklevel=4)
+
+
 def plan_lines(host: HostCall, session: BackendSession, identities: Sequence[Identity],
                config: BFConfig) -> LinePlan:
     """Every line's model inputs, fixed once: the semantic line (with its IdAP variant) and
@@ -232,7 +245,10 @@ def plan_lines(host: HostCall, session: BackendSession, identities: Sequence[Ide
         return plan
     plan.idaf_start, plan.idap_start = config.thresholds(num_steps)
     plan.diagnostics.update(idaf_start=plan.idaf_start, idap_start=plan.idap_start)
-    if config.use_idap and config.idap_people == "all":
+    if config.use_idap and not idap_applicable(session.backend):
+        warn_idap_not_applicable(session.backend.name)
+        plan.diagnostics["idap"] = "not applicable"
+    elif config.use_idap and config.idap_people == "all":
         request = host.request
         with_idap, selection = idap_conditioning(semantic_cond, identities, config,
                                                  request.num_rows, request.num_images_per_prompt)

@@ -46,6 +46,9 @@ BUILTIN_PLUGINS = {
     "ipadapter": "bf_backends.ipadapter",
     "instantid": "bf_backends.instantid",
     "pulid": "bf_backends.pulid",
+    "xlabs_ipadapter": "bf_backends.xlabs_ipadapter",
+    "pulid_flux": "bf_backends.pulid_flux",
+    "infiniteyou": "bf_backends.infiniteyou",
 }
 #: the built-in plugins that register hosts (base-model families), not backends
 BUILTIN_HOSTS = frozenset({"sdxl", "flux"})

@@ -102,6 +102,9 @@ class Backend(Protocol):
     options: Mapping[str, str]
     #: how many people one call may have (one ID line each); optional, 1 when absent
     max_people: int
+    #: False when the backend's T_id is not in the model's text-token space, so IdAP (which
+    #: prepends aggregated ID tokens to the scene prompt) does not apply; optional, True
+    idap_applicable: bool
 
     def recognizes(self, pipe: Any) -> bool:
         """Duck-typed check; never imports the method's own package."""
@@ -120,6 +123,11 @@ def max_people(backend: Any) -> int:
     """How many people ``backend`` serves in one call (``DEFAULT_MAX_PEOPLE`` when it does
     not say: a backend written for one person is never handed two)."""
     return int(getattr(backend, "max_people", DEFAULT_MAX_PEOPLE))
+
+
+def idap_applicable(backend: Any) -> bool:
+    """Whether IdAP applies to ``backend`` (``Backend.idap_applicable``, True when absent)."""
+    return bool(getattr(backend, "idap_applicable", True))
 
 
 def preview_face_detector(session: Any, given: Any = None):

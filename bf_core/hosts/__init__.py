@@ -72,6 +72,13 @@ class RowsOfLines:
         """The lines whose rows the batch holds, in order."""
         return tuple(part.line for part in self.parts) if self.parts else (self.line,)
 
+    @property
+    def row_branches(self) -> tuple:
+        """The CFG branch of each row (a line's rows are blocked negative first)."""
+        if self.parts:
+            return tuple(branch for part in self.parts for branch in part.row_branches)
+        return tuple(branch for branch in self.branches for _ in range(self.rows_per_branch))
+
 
 #: The host's model call for a batch of rows: ``model(batch, **extra) -> output``; a backend
 #: session wraps it with its machinery (see ``BackendSession.predict``).

@@ -164,3 +164,23 @@ def test_bad_settings_are_named_and_the_pipeline_is_left_as_it_was(pipe):
     with pytest.raises(ConfigError, match="did you mean 'guidance_scale'"):
         wrapped(pipe, guidance_scal=3.0)
     assert pipeline_fingerprint(pipe) == before
+
+
+def test_a_backend_whose_id_tokens_are_not_text_tokens_runs_without_idap(pipe, monkeypatch,
+                                                                        one_thread):
+    """A backend declaring ``idap_applicable = False`` (PuLID-FLUX's 2048-wide T_id): the loop
+    skips IdAP with a warning and says so in the diagnostics; the ID line still runs."""
+    from bf_core import loop
+
+    bf = bf_core.wrap(pipe)
+    monkeypatch.setattr(bf.backend, "idap_applicable", False, raising=False)
+    monkeypatch.setattr(loop, "_IDAP_WARNED", set())
+    lengths, handle = text_lengths(pipe)
+    try:
+        with pytest.warns(UserWarning, match="IdAP does not apply to the dreambooth backend"):
+            result = bf(**stock_kwargs(id_prompt=ID_PROMPT, max_sequence_length=16))
+    finally:
+        handle.remove()
+    assert result.diagnostics["idap"] == "not applicable"
+    assert "idap_selection" not in result.diagnostics and set(lengths) == {16}
+    assert result.diagnostics["model_calls"] == STEPS  # both lines share every call

@@ -1,0 +1,1 @@
+"""InfiniteYou backend (FLUX.1 host)."""

@@ -1,0 +1,1 @@
+"""PuLID-FLUX backend (FLUX.1 host)."""

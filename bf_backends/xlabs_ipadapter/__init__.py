@@ -1,0 +1,1 @@
+"""XLabs FLUX IP-Adapter backend (FLUX.1 host)."""
