@@ -95,6 +95,66 @@ def tiny_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
     return tiny_sdxl_pipeline(seed=seed).to(device=device, dtype=dtype)
 
 
+def real_size_flux_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
+    """A real-size FLUX.1-dev pipeline with random weights: the 12 B transformer, CLIP-L,
+    T5-XXL and the 16-channel VAE from their published configs (tiny tokenizers: the
+    encoders' cost does not depend on the vocabulary). Built in ``dtype`` on ``device``."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from bf_core.hosts.flux import flux_dev_transformer_config
+    from bf_core.testing.tiny import tiny_tokenizers
+    from bf_core.testing.tiny_flux import flux_dev_scheduler_config, tiny_t5_tokenizer
+
+    clip_tokenizer, _ = tiny_tokenizers()
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # 12 B parameters: never materialise them in float32
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**flux_dev_transformer_config())
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, projection_dim=768, max_position_embeddings=77,
+                hidden_act="quick_gelu", bos_token_id=clip_tokenizer.bos_token_id,
+                eos_token_id=clip_tokenizer.eos_token_id, pad_token_id=clip_tokenizer.pad_token_id))
+            text_encoder_2 = T5EncoderModel(T5Config(
+                vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
+                use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    finally:
+        torch.set_default_dtype(previous)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**flux_dev_scheduler_config()),
+                        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer(),
+                        transformer=transformer)
+
+
+def tiny_flux_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
+    from bf_core.testing.tiny_flux import tiny_flux_pipeline as build
+
+    return build(seed=seed).to(device=device, dtype=dtype)
+
+
+#: (host, size) -> the pipeline builder
+PIPELINES = {("sdxl", "real"): real_size_pipeline, ("sdxl", "tiny"): tiny_pipeline,
+             ("flux", "real"): real_size_flux_pipeline, ("flux", "tiny"): tiny_flux_pipeline}
+
+
+def denoiser_name(pipe: Any) -> str:
+    """The pipeline's denoising network: ``unet`` (SDXL) or ``transformer`` (FLUX)."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
 def speed_setup(name: str, pipe: Any, real: bool, resolution: int, lora_rank: int,
                 seed: int = 0) -> SpeedSetup:
     """Backend ``name``'s ID modules on ``pipe`` at its size (random weights), from the
@@ -235,16 +295,19 @@ def measure_backend(name: str, setup: SpeedSetup, args, call: dict, modes: list[
         stock = wrapped(bf_core.BFConfig(enabled=False))
     runs = dict(zip(VARIANTS, (stock, wrapped(bf_core.BFConfig()),
                                wrapped(bf_core.BFConfig(batch_lines=False))), strict=True))
+    network = denoiser_name(pipe)
+    stock_rows = args.steps * (2 if network == "unet" else 1)  # SDXL's CFG doubles the rows
     for mode in modes:
         if mode == "compiled":
             # One specialised graph per shape (batch 2, batch 4, masked context): the
             # warm-up run compiles each, none is timed, and none runs slower for being
             # generic over the batch size, the stock graph included.
-            pipe.unet = torch.compile(pipe.unet, dynamic=False)
+            setattr(pipe, network, torch.compile(getattr(pipe, network), dynamic=False))
         for variant, run in runs.items():
             run()  # warm-up (and compilation)
-            seconds, unet_seconds, peak, output = time_call(run, args.device, pipe.unet, args.repeats)
-            model_rows = getattr(output, "diagnostics", {}).get("model_rows", 2 * args.steps)
+            seconds, unet_seconds, peak, output = time_call(run, args.device,
+                                                            getattr(pipe, network), args.repeats)
+            model_rows = getattr(output, "diagnostics", {}).get("model_rows", stock_rows)
             record(Measurement(name, mode, variant, seconds, unet_seconds, peak, model_rows))
             progress.update()
 
@@ -264,18 +327,22 @@ def measure(args, save=None) -> dict:
     from tqdm.auto import tqdm
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    build = real_size_pipeline if args.size == "real" else tiny_pipeline
+    build = PIPELINES[args.host, args.size]
     resolution = args.resolution or (1024 if args.size == "real" else 128)
     call = dict(num_inference_steps=args.steps, height=resolution, width=resolution,
                 output_type="latent")
     modes = list(args.modes) + (["compiled"] if args.compile and "compiled" not in args.modes else [])
-    latent = resolution // 8  # the SDXL VAE's scale factor, for the tiny VAE too
+    # IdAF's grid: SDXL's 4 channels at 1/8 (the tiny VAE too); FLUX's 16 at 1/8 (1/2 tiny)
+    channels, factor = (4, 8) if args.host == "sdxl" else (16, 8 if args.size == "real" else 2)
     result = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "size": args.size, "dtype": args.dtype, "steps": args.steps,
+        "torch": torch.__version__, "host": args.host, "size": args.size, "dtype": args.dtype,
+        "steps": args.steps,
         "resolution": resolution, "lora_rank": args.lora_rank, "backends": list(args.backends),
         "modes": modes,
-        "idaf_ms": idaf_milliseconds(args.device, dtype, (1, 4, latent, latent), args.idaf_iterations),
+        "idaf_ms": idaf_milliseconds(args.device, dtype,
+                                     (1, channels, resolution // factor, resolution // factor),
+                                     args.idaf_iterations),
         "measurements": [],
         "errors": {},
     }
@@ -315,7 +382,8 @@ def wrapper_overhead(measurement: dict, stock: dict) -> float:
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"Device: {result['device']}; torch {result['torch']}; {result['size']} size, "
+    lines = [f"Device: {result['device']}; torch {result['torch']}; "
+             f"{result.get('host', 'sdxl').upper()} {result['size']} size, "
              f"{result['dtype']}, {result['resolution']} px, {result['steps']} steps; "
              f"IdAF {result['idaf_ms']:.3f} ms per step.", "",
              "| backend | mode | variant | seconds | x stock | UNet seconds | non-UNet share | wrapper overhead | peak GiB | x stock memory | UNet rows |",
@@ -339,6 +407,9 @@ def to_markdown(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", choices=("sdxl", "flux"), default="sdxl",
+                        help="the base model: SDXL, or FLUX.1-dev (with --steps 28 --dtype "
+                             "bfloat16 for its defaults)")
     parser.add_argument("--size", choices=("real", "tiny"), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
@@ -363,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dtype is None:
-        args.dtype = "float16" if args.device.startswith("cuda") else "float32"
+        cuda = args.device.startswith("cuda")
+        args.dtype = ("bfloat16" if args.host == "flux" else "float16") if cuda else "float32"
     save = None
     if args.out:
         out = Path(args.out)

@@ -194,18 +194,25 @@ class BFConfig:
         _require_choice("BFConfig.auto_region_fallback", self.auto_region_fallback,
                         AUTO_REGION_FALLBACKS)
 
-    def thresholds(self, num_steps: int) -> tuple[int, int]:
-        """(M1, M2) as step indices for a schedule of ``num_steps`` steps."""
-        return (resolve_step("BFConfig.idaf_start", self.idaf_start, num_steps),
-                resolve_step("BFConfig.idap_start", self.idap_start, num_steps))
+    def thresholds(self, num_steps: int, rounding: str = "nearest") -> tuple[int, int]:
+        """(M1, M2) as step indices for a schedule of ``num_steps`` steps; ``rounding`` of
+        a fraction is the host's (``"nearest"`` on SDXL, ``"floor"`` on FLUX)."""
+        return (resolve_step("BFConfig.idaf_start", self.idaf_start, num_steps, rounding),
+                resolve_step("BFConfig.idap_start", self.idap_start, num_steps, rounding))
 
 
-def resolve_step(name: str, value: int | float, num_steps: int) -> int:
+THRESHOLD_ROUNDINGS = ("nearest", "floor")
+
+
+def resolve_step(name: str, value: int | float, num_steps: int, rounding: str = "nearest") -> int:
     """Turn a threshold into a step index M for a schedule of ``num_steps`` steps.
 
-    A float f in [0, 1) gives round(f * T). An int is taken as is; since a component runs
-    at steps ``i > M``, an int M >= T - 1 would never run and is refused.
+    A float f in [0, 1) gives round(f * T) (``rounding="floor"``: floor(f * T), FLUX's
+    choice: 0.2 and 0.3 of 28 steps are 5 and 8). An int is taken as is; since a component
+    runs at steps ``i > M``, an int M >= T - 1 would never run and is refused.
     """
+    if rounding not in THRESHOLD_ROUNDINGS:
+        raise ConfigError(f"threshold rounding must be one of {THRESHOLD_ROUNDINGS}, got {rounding!r}")
     _require_threshold(name, value)
     if isinstance(value, numbers.Integral):
         if value >= num_steps - 1:
@@ -214,7 +221,7 @@ def resolve_step(name: str, value: int | float, num_steps: int) -> int:
                 f"schedule (steps i > {value} never happen): use an int in [0, {max(num_steps - 2, 0)}] "
                 "or a fraction in [0, 1)")
         return int(value)
-    step = int(round(value * num_steps))
+    step = int(value * num_steps) if rounding == "floor" else int(round(value * num_steps))
     if step >= num_steps - 1:
         warnings.warn(f"{name}={value} gives step {step} of a {num_steps}-step schedule: steps "
                       f"i > {step} never happen, so this component will not run", stacklevel=3)

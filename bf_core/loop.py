@@ -243,7 +243,8 @@ def plan_lines(host: HostCall, session: BackendSession, identities: Sequence[Ide
     plan = LinePlan([PlannedLine(semantic_line, host.line_inputs(semantic_cond))])
     if not config.enabled:
         return plan
-    plan.idaf_start, plan.idap_start = config.thresholds(num_steps)
+    rounding = getattr(host, "threshold_rounding", "nearest")
+    plan.idaf_start, plan.idap_start = config.thresholds(num_steps, rounding)
     plan.diagnostics.update(idaf_start=plan.idaf_start, idap_start=plan.idap_start)
     if config.use_idap and not idap_applicable(session.backend):
         warn_idap_not_applicable(session.backend.name)

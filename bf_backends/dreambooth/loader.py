@@ -7,6 +7,7 @@ from typing import Any
 
 from bf_core.errors import CheckpointError
 from bf_core.extras import PipelineSetup
+from bf_core.hosts.flux import is_flux_model, load_flux_pipeline
 from bf_core.hosts.sdxl import load_sdxl_pipeline
 
 IDENTITY_ADAPTER = "identity"
@@ -22,7 +23,8 @@ def load_identity_checkpoint(pipe: Any, checkpoint: str, adapter_name: str = IDE
     if token is None and path.suffix != ".safetensors":
         raise CheckpointError(f"{checkpoint}: identity LoRAs are read from .safetensors files only "
                               "(pickled LoRA files are refused: convert them first)")
-    what = "a textual-inversion embedding" if token is not None else "an SDXL LoRA"
+    what = ("a textual-inversion embedding" if token is not None
+            else "a FLUX.1 LoRA" if hasattr(pipe, "transformer") else "an SDXL LoRA")
     try:
         if token is not None:
             pipe.load_textual_inversion(str(path), token=token)
@@ -30,15 +32,25 @@ def load_identity_checkpoint(pipe: Any, checkpoint: str, adapter_name: str = IDE
             pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{checkpoint}: diffusers could not load it as {what} "
-                              f"({type(exc).__name__}: {exc}). Give a LoRA trained for SDXL in "
-                              "diffusers, kohya or PEFT format, or an SDXL embedding.") from exc
+                              f"({type(exc).__name__}: {exc}). Give a LoRA trained for this base "
+                              "model in diffusers, kohya or PEFT format (or an SDXL "
+                              "embedding).") from exc
 
 
 def load_dreambooth_pipeline(base_model: str, checkpoint: str | None = None, *, torch_dtype=None,
                              device: str | None = None, token: str | None = None,
                              local_files_only: bool = False):
-    pipe = load_sdxl_pipeline(base_model, torch_dtype=torch_dtype, device=device,
-                              local_files_only=local_files_only)
+    """The base model (SDXL, or FLUX.1 when ``is_flux_model`` says so) with the identity
+    LoRA or, on SDXL, a textual-inversion embedding."""
+    if is_flux_model(base_model):
+        if token is not None:
+            raise CheckpointError("textual inversion is served on SDXL only; on FLUX.1 give a "
+                                  "character LoRA (.safetensors)")
+        pipe = load_flux_pipeline(base_model, torch_dtype=torch_dtype, device=device,
+                                  local_files_only=local_files_only)
+    else:
+        pipe = load_sdxl_pipeline(base_model, torch_dtype=torch_dtype, device=device,
+                                  local_files_only=local_files_only)
     if checkpoint:
         load_identity_checkpoint(pipe, checkpoint, token=token)
     return pipe

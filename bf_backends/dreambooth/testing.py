@@ -27,15 +27,17 @@ def tiny_setup(seed: int = 0, host: str = "sdxl") -> PipelineSetup:
 
 def speed_setup(pipe: Any, real: bool, resolution: int, seed: int = 0,
                 lora_rank: int = 64) -> SpeedSetup:
-    """A random rank-``lora_rank`` character LoRA on the UNet's attention projections; the
-    stock pipeline's own call is the baseline."""
+    """A random rank-``lora_rank`` character LoRA on the attention projections of the UNet
+    (SDXL) or the transformer (FLUX); the stock pipeline's own call is the baseline."""
     import torch
     from peft import LoraConfig
 
+    # The UNet on SDXL, the transformer on FLUX: both name their attention projections so.
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=False,
                             target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        pipe.unet.add_adapter(config, adapter_name="identity")
-    pipe.unet.to(dtype=pipe.unet.dtype)
+        denoiser.add_adapter(config, adapter_name="identity")
+    denoiser.to(dtype=denoiser.dtype)
     return SpeedSetup(pipe, {"id_prompt": ID_PROMPT}, stock_is_pipeline=True)

@@ -90,6 +90,20 @@ def flux_dev_transformer_config() -> dict[str, Any]:
                 pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
+def is_flux_model(base_model: str) -> bool:
+    """Whether a base model (a local diffusers folder or a hub id) is a FLUX.1 model: the
+    folder's ``model_index.json`` names a Flux pipeline class; a hub id, read offline,
+    has "flux" in its name (black-forest-labs/FLUX.1-dev, FLUX.1-schnell, ...)."""
+    import json
+    import os
+
+    index = os.path.join(os.path.expanduser(base_model), "model_index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            return "flux" in str(json.load(handle).get("_class_name", "")).lower()
+    return "flux" in base_model.lower()
+
+
 def load_flux_pipeline(base_model: str, torch_dtype=None, device: str | None = None,
                        local_files_only: bool = False):
     """``FluxPipeline.from_pretrained`` with a clear message when the folder is not there."""
@@ -352,6 +366,10 @@ class FluxModel:
 # -- one call -------------------------------------------------------------------------------------
 class FluxCall:
     """``HostCall`` for a FLUX pipeline: one wrapped call, as the stock ``__call__`` runs it."""
+
+    #: M1/M2 given as fractions are floored on FLUX: 0.2 and 0.3 of its 28 default steps
+    #: are steps 5 and 8
+    threshold_rounding = "floor"
 
     def __init__(self, pipe: Any, arguments: FluxCallArguments, options: dict[str, Any]):
         self.pipe, self.arguments = pipe, arguments

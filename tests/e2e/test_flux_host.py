@@ -49,6 +49,13 @@ def text_lengths(pipe):
     return lengths, handle
 
 
+def test_fractions_of_the_schedule_are_floored_on_flux(pipe, one_thread):
+    """0.2 and 0.3 of FLUX's 28 default steps are steps 5 and 8 (SDXL rounds: 6 and 8)."""
+    result = wrapped(pipe, num_inference_steps=28, max_sequence_length=16, output_type="latent")
+    assert (result.diagnostics["idaf_start"], result.diagnostics["idap_start"]) == (5, 8)
+    assert bf_core.BFConfig().thresholds(28) == (6, 8)
+
+
 def test_wrap_finds_the_flux_host_and_refuses_an_sdxl_only_backend(pipe):
     bf = bf_core.wrap(pipe)
     assert (bf.host.name, bf.backend.name) == ("flux", "dreambooth")
@@ -79,7 +86,7 @@ def test_method_off_reproduces_the_stock_pipeline_bit_for_bit(cfg, output_type, 
 def test_transformer_sample_evaluations_follow_the_formula(cfg, branches, pipe, one_thread):
     result = wrapped(pipe, **cfg)
     m1 = result.diagnostics["idaf_start"]
-    assert m1 == round(0.2 * STEPS)
+    assert m1 == int(0.2 * STEPS)  # fractions are floored on FLUX
     assert result.diagnostics["model_rows"] == branches * (STEPS + (STEPS - m1 - 1))
     off = bf_core.wrap(pipe, config=bf_core.BFConfig(enabled=False))(**stock_kwargs(**cfg))
     assert off.diagnostics["model_rows"] == branches * STEPS
