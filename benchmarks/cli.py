@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "default 20 (tiny: 1)")
     parser.add_argument("--steps", type=int, default=None, help="default 50 (tiny: 3)")
     parser.add_argument("--size", type=int, default=None, help="square side; default 1024 (tiny: 64)")
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--host", choices=("sdxl", "flux"), default=None,
+                        help="the base-model family; default: FLUX when --base-model is a FLUX "
+                             "model, else SDXL (tiny: the tiny pipelines of that family)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="default 5.0 on SDXL, 3.5 (distilled guidance) on FLUX")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--base-model", help="diffusers SDXL folder or hub id")
     parser.add_argument("--checkpoint", action="append", default=[],
@@ -174,6 +178,9 @@ def spec_from_args(args: argparse.Namespace):
         raise SystemExit("error: --identities is required (folders of reference photos), "
                          "or pass --tiny")
     size = args.size or (TINY_SIZE if tiny else 1024)
+    host = args.host or ("flux" if args.base_model and _is_flux(args.base_model) else "sdxl")
+    guidance = args.guidance_scale if args.guidance_scale is not None else (
+        3.5 if host == "flux" else 5.0)
     device = args.device
     if device is not None or not tiny:  # tiny pipelines stay where they are built: the CPU
         device = rank_device(device)
@@ -190,7 +197,7 @@ def spec_from_args(args: argparse.Namespace):
         out=out, settings=settings, identities=load_identities(identity_paths),
         prompt_sets=prompt_sets, seeds=_seeds(args.seeds, tiny),
         params=GenerationParams(steps=args.steps or (TINY_STEPS if tiny else 50),
-                                guidance_scale=args.guidance_scale, height=size, width=size,
+                                guidance_scale=guidance, height=size, width=size,
                                 negative_prompt=args.negative_prompt),
         backends=args.backends.split(",") if args.backends else None, tiny=tiny,
         base_model=args.base_model, checkpoints=checkpoints, torch_dtype=args.dtype,
@@ -198,7 +205,14 @@ def spec_from_args(args: argparse.Namespace):
         fid_reference_per_prompt=args.fid_reference_per_prompt,
         fid_reference_dir=Path(args.fid_reference) if args.fid_reference else None,
         contact_sheet_seeds=args.contact_sheet_seeds, progress=not args.no_progress,
-        threads=args.threads or (TINY_THREADS if tiny else None), single=single, multi=multi)
+        threads=args.threads or (TINY_THREADS if tiny else None), single=single, multi=multi,
+        host=host)
+
+
+def _is_flux(base_model: str) -> bool:
+    from bf_core.hosts.flux import is_flux_model
+
+    return is_flux_model(base_model)
 
 
 def lone_cpu_launch() -> bool:

@@ -94,6 +94,15 @@ class BenchSpec:
     threads: int | None = None  # torch CPU threads during the run; None: leave torch's setting
     single: bool = True  # the single-person grid (the paper's protocol)
     multi: MultiOptions | None = None  # the multi scenario (several people); None: not run
+    host: str = "sdxl"  # the base-model family: "sdxl" or "flux"
+
+    @property
+    def model_key(self) -> str | None:
+        """What names the base model in each item's fingerprint: the base model, or for a
+        tiny FLUX run "tiny-flux" (so a run folder never mixes it with tiny SDXL images)."""
+        if self.base_model or self.host == "sdxl":
+            return self.base_model
+        return f"tiny-{self.host}"
 
 
 @dataclass
@@ -230,14 +239,20 @@ class Runner:
         from bf_core.plugins import get_registry
 
         installed = get_registry().backends()
-        names = self.spec.backends or sorted(installed)
+        host = self.spec.host
+        names = self.spec.backends or sorted(n for n, b in installed.items() if host in b.hosts)
         unknown = [n for n in names if n not in installed]
         if unknown:
             raise ValueError(f"backend(s) {unknown} are not installed; installed: "
                              f"{', '.join(sorted(installed))} (see `beyondfacial backends`)")
         targets = {}
         for name in names:
+            if host not in installed[name].hosts:
+                self.skipped[name] = (f"serves {', '.join(installed[name].hosts)} pipelines, "
+                                      f"not {host}")
+                continue
             target = installed_target(name, tiny=self.spec.tiny, base_model=self.spec.base_model,
+                                      host=host,
                                       torch_dtype=None if self.spec.tiny else _dtype(self.spec.torch_dtype),
                                       device=self.spec.device)
             if isinstance(target, str):
@@ -253,7 +268,7 @@ class Runner:
         spec = self.spec
         items = build_grid(list(self.targets), spec.settings, spec.identities, spec.prompt_sets,
                            spec.seeds, spec.params, spec.checkpoints,
-                           spec.base_model) if spec.single else []
+                           spec.model_key) if spec.single else []
         if spec.multi is not None:
             from bf_core.plugins import get_registry
             from bf_core.protocols import max_people
@@ -261,7 +276,7 @@ class Runner:
             registry = get_registry()
             plan = build_multi_grid({name: max_people(registry.get_backend(name))
                                      for name in self.targets}, spec.multi, spec.identities,
-                                    spec.seeds, spec.params, spec.checkpoints, spec.base_model)
+                                    spec.seeds, spec.params, spec.checkpoints, spec.model_key)
             self.multi_left_out, self.multi_notes = plan.left_out, plan.notes
             # A backend's multi items join its single-person ones: one pipeline load each.
             order = {key: n for n, key in enumerate(dict.fromkeys(
@@ -270,7 +285,7 @@ class Runner:
         if self.needs_generated_reference:
             fid_set = next(p for p in spec.prompt_sets if p.name == FID_PROMPT_SET)
             count = spec.fid_reference_per_prompt or len(spec.seeds)
-            items += reference_grid(fid_set, count, spec.params, spec.base_model)
+            items += reference_grid(fid_set, count, spec.params, spec.model_key)
         return items
 
     @property
@@ -316,7 +331,8 @@ class Runner:
         if item.is_reference:
             dtype = None if spec.tiny else _dtype(spec.torch_dtype)
             setup = PipelineSetup(base_pipeline(tiny=spec.tiny, base_model=spec.base_model,
-                                                torch_dtype=dtype, device=spec.device))
+                                                torch_dtype=dtype, device=spec.device,
+                                                host=spec.host))
         else:
             setup = self.targets[item.backend].build_pipeline(item.checkpoint)
         setup.pipe.set_progress_bar_config(disable=True)
@@ -560,7 +576,7 @@ class Runner:
                 "identities": {i.name: [str(p) for p in i.images] for i in spec.identities},
                 "prompt_sets": {p.name: list(p.prompts) for p in spec.prompt_sets},
                 "seeds": list(spec.seeds), "params": dataclasses.asdict(spec.params),
-                "tiny": spec.tiny, "base_model": spec.base_model, "checkpoints": spec.checkpoints,
+                "tiny": spec.tiny, "host": spec.host, "base_model": spec.base_model, "checkpoints": spec.checkpoints,
                 "metrics": [m.name for m in self.metric_list], "world_size": self.world_size,
                 "items": len(self.grid), "single": spec.single,
                 "multi": None if spec.multi is None else {

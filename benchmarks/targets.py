@@ -47,9 +47,16 @@ def default_call_kwargs(backend: Any, identity: Any, images: list) -> dict[str, 
     return kwargs
 
 
+def tiny_setup(extras: BackendExtras, host: str = "sdxl", seed: int = 0) -> PipelineSetup:
+    """The backend's tiny pipeline set-up on ``host`` (SDXL-only extras take no host)."""
+    if host == "sdxl":
+        return extras.tiny_pipeline(seed=seed)
+    return extras.tiny_pipeline(seed=seed, host=host)
+
+
 def resolve_target(backend: Any, extras: BackendExtras | None, *, tiny: bool,
                    base_model: str | None, torch_dtype: Any = None,
-                   device: str | None = None) -> BackendTarget | str:
+                   device: str | None = None, host: str = "sdxl") -> BackendTarget | str:
     """The backend's target, or a sentence saying why it cannot be benchmarked here."""
     if extras is None:
         return ("gives no BackendExtras (the bf_backend_extras hook, docs/plugins.md), so the "
@@ -58,7 +65,7 @@ def resolve_target(backend: Any, extras: BackendExtras | None, *, tiny: bool,
         backend, identity, images))
     prompt = extras.scene_prompt or unchanged_prompt
     if tiny:
-        return BackendTarget(backend.name, lambda checkpoint: extras.tiny_pipeline(seed=0),
+        return BackendTarget(backend.name, lambda checkpoint: tiny_setup(extras, host),
                              call_kwargs, prompt)
     if extras.load_pipeline is None:
         return "gives no load_pipeline in its BackendExtras, so it cannot be built from files"
@@ -81,14 +88,20 @@ def installed_target(name: str, **kwargs: Any) -> BackendTarget | str:
 
 
 def base_pipeline(*, tiny: bool, base_model: str | None, torch_dtype: Any = None,
-                  device: str | None = None):
+                  device: str | None = None, host: str = "sdxl"):
     """The base model alone (no identity method): the FID reference images come from it."""
+    if tiny and host == "flux":
+        from bf_core.testing.tiny_flux import tiny_flux_pipeline
+
+        return tiny_flux_pipeline(seed=0)
     if tiny:
         from bf_core.testing.tiny import tiny_sdxl_pipeline
 
         return tiny_sdxl_pipeline(seed=0)
     if not base_model:
         raise ConfigError("the FID reference set needs --base-model (or --fid-reference DIR)")
+    from bf_core.hosts.flux import is_flux_model, load_flux_pipeline
     from bf_core.hosts.sdxl import load_sdxl_pipeline
 
-    return load_sdxl_pipeline(base_model, torch_dtype=torch_dtype, device=device)
+    load = load_flux_pipeline if is_flux_model(base_model) else load_sdxl_pipeline
+    return load(base_model, torch_dtype=torch_dtype, device=device)
