@@ -18,7 +18,7 @@ from bf_core.errors import ConfigError
 
 LAMBDA_MODES = ("temperature", "weight")
 SMOOTHINGS = ("avgpool", "downup", "none")
-SALIENCIES = ("guided", "cfg_delta")
+SALIENCIES = ("guided", "cfg_delta", "x0")
 NEGATIVE_POLICIES = ("aggregate", "zeros")
 SEMANTIC_ADAPTER_POLICIES = ("off", "on")
 IDAP_PEOPLE_POLICIES = ("all", "none")
@@ -82,8 +82,9 @@ class IdAFConfig:
     smoothing: ``"avgpool"`` (box average of ``smooth_kernel`` then bilinear back up),
         ``"downup"`` (bilinear down by ``smooth_kernel`` then back up) or ``"none"``.
     smooth_kernel: box size or down factor; 4 as in the reference code; 1 to 128.
-    saliency: ``"guided"`` (|guided noise|, the paper) or ``"cfg_delta"``
-        (|s * (eps_cond - eps_uncond_sem)|, the MagicFusion reading).
+    saliency: ``"guided"`` (|guided noise|, the paper; on FLUX |guided velocity|),
+        ``"cfg_delta"`` (|s * (eps_cond - eps_uncond_sem)|, the MagicFusion reading) or
+        ``"x0"`` (|each line's clean-latent estimate|, an ablation; on FLUX |x_t - sigma v|).
     """
 
     lambda_id: float = 5.0

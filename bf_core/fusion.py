@@ -134,9 +134,10 @@ def _check_fusion_inputs(eps_sem, eps_ids, saliency_sem, saliency_ids, config) -
     if (saliency_sem is None) != (saliency_ids is None):
         raise ConfigError("idaf: give both saliency_id and saliency_sem, or neither")
     if saliency_sem is None:
-        if config.saliency == "cfg_delta":
-            raise ConfigError("idaf: saliency='cfg_delta' needs saliency_id and saliency_sem "
-                              "(the scaled guidance responses); the DLI loop passes them")
+        if config.saliency in ("cfg_delta", "x0"):
+            raise ConfigError(f"idaf: saliency={config.saliency!r} needs saliency_id and "
+                              "saliency_sem (the scaled guidance responses, or the lines' x0 "
+                              "estimates); the DLI loop passes them")
         return
     if any(s.shape != eps_sem.shape for s in (saliency_sem, *saliency_ids)) \
             or len(saliency_ids) != len(eps_ids):

@@ -314,8 +314,8 @@ def guide_lines(host: HostCall, lines: Sequence[ActiveLine], outputs: Sequence[t
     return guided
 
 
-def fuse(host: HostCall, config: IdAFConfig, guided: Sequence[Guided], plan: LinePlan
-         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fuse(host: HostCall, config: IdAFConfig, guided: Sequence[Guided], plan: LinePlan,
+         batches: Sequence[RowBatchLike] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The step's noise: the semantic line's, fused by IdAF with the ID lines' when they run,
     each ID line competing only inside its person's region.
     Returns (noise, winner), winner (N, 1, H, W) int64 (0 semantic, j person j) or None."""
@@ -329,9 +329,24 @@ def fuse(host: HostCall, config: IdAFConfig, guided: Sequence[Guided], plan: Lin
         scale, reference = host.guidance_scale, guided[0].uncond
         deltas = [layout(cfg_delta_saliency(g.cond, reference, scale)) for g in guided]
         saliency = {"saliency_sem": deltas[0], "saliency_ids": deltas[1:]}
+    elif config.saliency == "x0":
+        saliency = x0_saliency(host, guided, batches)
     fused, winner = fuse_lines(semantic, [layout(g.noise) for g in guided[1:]],
                                config, regions=regions, **saliency)
     return host.from_fusion_layout(fused), winner
+
+
+def x0_saliency(host: HostCall, guided: Sequence[Guided], batches: Sequence[RowBatchLike]
+                ) -> dict[str, Any]:
+    """The ``"x0"`` saliency source: each line's clean-latent estimate (fusion layout)."""
+    estimates = [host.x0_estimate(batch, line.noise)
+                 for batch, line in zip(batches, guided, strict=True)]
+    if any(estimate is None for estimate in estimates):
+        raise ConfigError("IdAFConfig(saliency='x0') needs a scheduler that gives an x0 "
+                          "estimate (one with alphas_cumprod, or FLUX's flow matching); use "
+                          "saliency='guided'")
+    return {"saliency_sem": estimates[0].to(guided[0].noise.dtype),
+            "saliency_ids": [e.to(guided[0].noise.dtype) for e in estimates[1:]]}
 
 
 def observe_preview(session: BackendSession, plan: LinePlan, config: BFConfig,
@@ -362,7 +377,7 @@ def step_noise(host: HostCall, session: BackendSession, plan: LinePlan, config: 
     guided = guide_lines(host, lines, outputs, cfg)
     for active, prediction in zip(lines, guided, strict=True):
         watch.observe(step.index, active.index, prediction.noise)
-    noise, winner = fuse(host, config.idaf, guided, plan)
+    noise, winner = fuse(host, config.idaf, guided, plan, batches)
     if winner is not None and record.keep_maps:
         record.fusion_maps.append((winner > 0).cpu())
         record.fusion_lines.append(winner.to(torch.int8).cpu())

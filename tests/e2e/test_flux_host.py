@@ -191,3 +191,39 @@ def test_a_backend_whose_id_tokens_are_not_text_tokens_runs_without_idap(pipe, m
     assert result.diagnostics["idap"] == "not applicable"
     assert "idap_selection" not in result.diagnostics and set(lengths) == {16}
     assert result.diagnostics["model_calls"] == STEPS  # both lines share every call
+
+
+def test_the_x0_saliency_scores_each_lines_clean_latent_estimate(pipe, lora_pipe, one_thread):
+    """``IdAFConfig(saliency="x0")``, the ablation of decision 8.2: on FLUX the score is
+    |x_t - sigma v| per line (checked by hand at the first fused step); it runs on SDXL too
+    (the scheduler's x0), and its maps differ from ``"guided"``'s."""
+    from bf_core.config import IdAFConfig
+    from bf_core.fusion import winning_lines
+
+    config = bf_core.BFConfig(idaf=IdAFConfig(saliency="x0"))
+    calls = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs["hidden_states"], out[0])),
+        with_kwargs=True)
+    try:
+        result = bf_core.wrap(pipe, config=config)(**stock_kwargs(id_prompt=ID_PROMPT,
+                                                                  return_fusion_maps=True))
+    finally:
+        handle.remove()
+    first = result.diagnostics["idaf_start"] + 1  # one call per step: both lines' rows
+    x_t, v = calls[first]  # rows: semantic, ID
+    sigma = pipe.scheduler.sigmas[first]
+    unpack = lambda t: pipe._unpack_latents(t, 64, 64, pipe.vae_scale_factor)  # noqa: E731
+    x0 = unpack(x_t - sigma * v)
+    expected = winning_lines(x0[:1], [x0[1:]], config.idaf) > 0
+    assert torch.equal(result.fusion_maps[0], expected)
+
+    guided = bf_core.wrap(lora_pipe)(prompt=PROMPT, num_inference_steps=STEPS, height=64,
+                                     width=64, output_type="np", id_prompt=ID_PROMPT,
+                                     generator=torch.Generator().manual_seed(0),
+                                     return_fusion_maps=True)
+    sdxl_x0 = bf_core.wrap(lora_pipe, config=config)(
+        prompt=PROMPT, num_inference_steps=STEPS, height=64, width=64, output_type="np",
+        id_prompt=ID_PROMPT, generator=torch.Generator().manual_seed(0),
+        return_fusion_maps=True)
+    assert not torch.equal(sdxl_x0.fusion_maps[0], guided.fusion_maps[0])
