@@ -194,3 +194,41 @@ def test_host_read_recorder_catches_a_read_planted_in_the_loop(monkeypatch):
         recorder.close()
     in_loop = [where for call, where in recorder.reads if 0 < call < recorder.model_calls]
     assert len(in_loop) == 3 and all("loop.py" in where for where in in_loop)
+
+
+def test_the_flux_host_compiles_once_and_reads_nothing_on_the_host():
+    """DreamBooth on the tiny FLUX pipeline: both lines in one transformer call per step, no
+    graph break in a full-graph compile, no recompile on the next call, no host read of
+    ours inside the step loop."""
+    pipe = speed.tiny_flux_pipeline("cpu", torch.float32)
+    setup = speed_setup_for_flux(pipe)
+
+    def generate_flux(steps=6):
+        wrapper = bf_core.wrap(setup.pipe, backend="dreambooth")
+        return wrapper(prompt=speed.PROMPT, num_inference_steps=steps, height=64, width=64,
+                       output_type="latent", max_sequence_length=128,
+                       generator=torch.Generator().manual_seed(0), **setup.identity)
+
+    recorder = HostReadRecorder(setup.pipe.transformer)
+    try:
+        with recorder:
+            eager = generate_flux()
+    finally:
+        recorder.close()
+    assert recorder.model_calls == eager.diagnostics["model_calls"] == 6
+    assert [r for r in recorder.reads if 0 < r[0] < recorder.model_calls] == []
+    setup.pipe.transformer = torch.compile(setup.pipe.transformer, fullgraph=True,
+                                           backend="eager")
+    counters.clear()
+    first = generate_flux()
+    assert counters["graph_break"] == {} and counters["stats"]["unique_graphs"] > 0
+    torch.testing.assert_close(first.images, eager.images, rtol=0, atol=1e-5)
+    counters.clear()
+    generate_flux()
+    assert counters["stats"]["unique_graphs"] == 0, "the second call recompiled the transformer"
+
+
+def speed_setup_for_flux(pipe) -> SpeedSetup:
+    setup = speed.speed_setup("dreambooth", pipe, False, 64, lora_rank=4)
+    setup.pipe.set_progress_bar_config(disable=True)
+    return setup
