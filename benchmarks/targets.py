@@ -47,13 +47,6 @@ def default_call_kwargs(backend: Any, identity: Any, images: list) -> dict[str, 
     return kwargs
 
 
-def tiny_setup(extras: BackendExtras, host: str = "sdxl", seed: int = 0) -> PipelineSetup:
-    """The backend's tiny pipeline set-up on ``host`` (SDXL-only extras take no host)."""
-    if host == "sdxl":
-        return extras.tiny_pipeline(seed=seed)
-    return extras.tiny_pipeline(seed=seed, host=host)
-
-
 def resolve_target(backend: Any, extras: BackendExtras | None, *, tiny: bool,
                    base_model: str | None, torch_dtype: Any = None,
                    device: str | None = None, host: str = "sdxl") -> BackendTarget | str:
@@ -65,7 +58,7 @@ def resolve_target(backend: Any, extras: BackendExtras | None, *, tiny: bool,
         backend, identity, images))
     prompt = extras.scene_prompt or unchanged_prompt
     if tiny:
-        return BackendTarget(backend.name, lambda checkpoint: tiny_setup(extras, host),
+        return BackendTarget(backend.name, lambda checkpoint: extras.tiny_setup(seed=0, host=host),
                              call_kwargs, prompt)
     if extras.load_pipeline is None:
         return "gives no load_pipeline in its BackendExtras, so it cannot be built from files"

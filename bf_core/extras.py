@@ -51,7 +51,8 @@ class BackendExtras:
     """What a backend offers the demo, the CLI and the benchmarks.
 
     prompt, id_prompt: a default scene prompt and P_id for the demo.
-    tiny_pipeline(seed) -> PipelineSetup: an offline tiny pipeline with random weights.
+    tiny_pipeline(seed) -> PipelineSetup: an offline tiny pipeline with random weights; a
+        backend serving FLUX takes ``host="flux"`` too (``tiny_setup``).
     load_pipeline(base_model, checkpoint, *, torch_dtype, device) -> PipelineSetup: the
         pipeline from a base model and the method's checkpoint (a file or folder).
     speed_setup(pipe, real, resolution, seed) -> SpeedSetup: the backend's ID modules added
@@ -69,6 +70,13 @@ class BackendExtras:
     speed_setup: Callable[..., SpeedSetup] | None = None
     call_kwargs: Callable[[Any, list], dict[str, Any]] | None = None
     scene_prompt: Callable[[str], str] | None = None
+
+    def tiny_setup(self, seed: int = 0, host: str = "sdxl") -> PipelineSetup:
+        """The tiny pipeline set-up on ``host``: ``tiny_pipeline(seed)`` for SDXL, and
+        ``tiny_pipeline(seed, host=host)`` for another host (a backend serving several)."""
+        if host == "sdxl":
+            return self.tiny_pipeline(seed=seed)
+        return self.tiny_pipeline(seed=seed, host=host)
 
 
 class NamedFunction:
