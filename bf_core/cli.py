@@ -1,4 +1,4 @@
-"""The ``beyondfacial`` command: generate, backends, env, demo, bench.
+"""The ``beyondfacial`` command: generate, backends, env, demo, app, bench.
 
 Only the standard library is imported at module level, so ``beyondfacial --help`` answers
 at once; torch and diffusers load inside the commands that need them.
@@ -119,9 +119,24 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_backends(args: argparse.Namespace) -> int:
-    from bf_core.plugins import get_registry
+    """From metadata, importing no plugin (bf_core.inventory); ``--check`` loads every plugin,
+    and a process that has loaded them already answers from its registry."""
+    from bf_core import plugins
 
-    registry = get_registry()
+    check = getattr(args, "check", False)
+    registry = plugins.get_registry() if check else plugins.loaded_registry()
+    if registry is None:
+        from bf_core.inventory import backend_listing
+
+        listing = backend_listing()
+    else:
+        listing = registry_listing(registry)
+    print(json.dumps(listing, indent=2))
+    return 0
+
+
+def registry_listing(registry) -> list[dict[str, Any]]:
+    """The loaded plugins as ``backends --check`` lists them: what each registered, or why not."""
     listing = []
     for name, backend in sorted(registry.backends().items()):
         plugin = registry.backend_plugin(name)
@@ -143,27 +158,36 @@ def cmd_backends(args: argparse.Namespace) -> int:
                             "plugin": record.name, "package": record.distribution,
                             "version": record.version, "hook": record.hook,
                             "error": record.error})
-    print(json.dumps(listing, indent=2))
-    return 0
+    return listing
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                            "versions": _versions()}
-    try:
-        import torch
+    """Versions from metadata and the devices as far as files tell; ``--check`` imports torch
+    for its own answers."""
+    from bf_core.inventory import device_probe
 
-        info["devices"] = {
-            "cuda_available": torch.cuda.is_available(),
-            "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "mps_available": bool(getattr(torch.backends, "mps", None)
-                                  and torch.backends.mps.is_available()),
-            "cpu_threads": torch.get_num_threads(),
-        }
-    except ImportError:
-        info["devices"] = None
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                            "versions": _versions(), "devices": device_probe()}
+    if getattr(args, "check", False):
+        info["devices"].update(torch_devices())
     print(json.dumps(info, indent=2))
     return 0
+
+
+def torch_devices() -> dict[str, Any]:
+    """torch's own view of the devices (imports torch, seconds of CPU: ``env --check``)."""
+    try:
+        import torch
+    except ImportError as exc:
+        return {"checked": True, "error": f"torch cannot be imported: {exc}"}
+    return {
+        "checked": True,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "mps_available": bool(getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()),
+        "cpu_threads": torch.get_num_threads(),
+    }
 
 
 PERSON_FORM = "'prompt=...;box=x0,y0,x1,y1|auto;mask=path;image=path'"
@@ -220,36 +244,50 @@ def _person_settings(person) -> dict[str, Any]:
             "id_images": [str(p) for p in person.id_images or []]}
 
 
-def _run_and_save(bf, config, out: Path, call_kwargs: dict[str, Any], seeds: list[int],
-                  stem: str) -> list[Path]:
+def save_result(result, out: Path, stem: str, seed: int) -> list[Path]:
+    """One seed's images and, with fusion maps, their strips, named as ``generate`` names
+    them (the web app writes the same files)."""
+    from bf_core.visualize import render_fusion_strip
+
+    written = []
+    for index, image in enumerate(result.images):
+        path = out / f"{stem}_seed{seed}_{index}.png"
+        _save_image(image, path)
+        written.append(path)
+        if result.fusion_maps is not None:
+            strip = render_fusion_strip(result.fusion_lines, result.fusion_steps,
+                                        sample=index, image=image, regions=result.regions)
+            strip_path = out / f"{stem}_seed{seed}_{index}_fusion.png"
+            _save_image(strip, strip_path)
+            written.append(strip_path)
+    return written
+
+
+def settings_record(bf, config, call_kwargs: dict[str, Any], seeds: list[int],
+                    files: list[Path]) -> dict[str, Any]:
+    """The exact settings of a run, as ``generate`` writes them to ``<stem>_settings.json``
+    (the web app offers the same record for download)."""
     import dataclasses
 
-    import torch
+    return {"backend": bf.backend.name, "seeds": seeds, "config": dataclasses.asdict(config),
+            "call": {k: v for k, v in call_kwargs.items() if k not in ("id_images", "people")},
+            "people": [_person_settings(p) for p in call_kwargs.get("people") or []],
+            "id_images": [str(p) for p in call_kwargs.get("id_images") or []],
+            "versions": _versions(), "files": [p.name for p in files]}
 
-    from bf_core.visualize import render_fusion_strip
+
+def _run_and_save(bf, config, out: Path, call_kwargs: dict[str, Any], seeds: list[int],
+                  stem: str) -> list[Path]:
+    import torch
 
     written = []
     for seed in seeds:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         result = bf(**call_kwargs, generator=generator, return_fusion_maps=config.enabled,
                     output_type="pil")
-        for index, image in enumerate(result.images):
-            path = out / f"{stem}_seed{seed}_{index}.png"
-            _save_image(image, path)
-            written.append(path)
-            if result.fusion_maps is not None:
-                strip = render_fusion_strip(result.fusion_lines, result.fusion_steps,
-                                            sample=index, image=image, regions=result.regions)
-                strip_path = out / f"{stem}_seed{seed}_{index}_fusion.png"
-                _save_image(strip, strip_path)
-                written.append(strip_path)
-    settings = {"backend": bf.backend.name, "seeds": seeds, "config": dataclasses.asdict(config),
-                "call": {k: v for k, v in call_kwargs.items() if k not in ("id_images", "people")},
-                "people": [_person_settings(p) for p in call_kwargs.get("people") or []],
-                "id_images": [str(p) for p in call_kwargs.get("id_images") or []],
-                "versions": _versions(), "files": [p.name for p in written]}
+        written += save_result(result, out, stem, seed)
     settings_path = out / f"{stem}_settings.json"
-    _write_json(settings, settings_path)
+    _write_json(settings_record(bf, config, call_kwargs, seeds, written), settings_path)
     written.append(settings_path)
     return written
 
@@ -270,10 +308,10 @@ def backend_extras(name: str):
 def _pipeline_for(args: argparse.Namespace, extras):
     """The pipeline set-up of ``generate``: the tiny one, or the backend's from files."""
     if args.tiny:
-        return extras.tiny_pipeline(seed=0)
+        return extras.tiny_setup(seed=0, host=tiny_host(args))
     if not args.base_model:
-        raise SystemExit("error: --base-model is required (a local diffusers SDXL folder or a "
-                         "hub id), or pass --tiny for the offline tiny pipeline")
+        raise SystemExit("error: --base-model is required (a local diffusers SDXL or FLUX.1 "
+                         "folder or a hub id), or pass --tiny for the offline tiny pipeline")
     if extras.load_pipeline is None:
         raise SystemExit(f"error: backend {args.backend!r} cannot build pipelines from paths; "
                          "wrap your own pipeline from Python with bf_core.wrap(pipe)")
@@ -283,6 +321,44 @@ def _pipeline_for(args: argparse.Namespace, extras):
              "float32": torch.float32}[args.dtype]
     return extras.load_pipeline(args.base_model, args.checkpoint, torch_dtype=dtype,
                                 device=args.device)
+
+
+HOST_LABELS = {"sdxl": "SDXL", "flux": "FLUX.1"}
+
+
+def tiny_host(args: argparse.Namespace) -> str:
+    """The base-model family of a tiny run: ``--host``, else the backend's first (SDXL for
+    the backends that serve both)."""
+    from bf_core.plugins import get_registry
+
+    hosts = tuple(get_registry().get_backend(args.backend).hosts)
+    host = getattr(args, "host", None) or hosts[0]
+    if host not in hosts:
+        raise SystemExit(f"error: backend {args.backend!r} serves {', '.join(hosts)} pipelines, "
+                         f"not {host}")
+    return host
+
+
+def generate_call_kwargs(args: argparse.Namespace, setup) -> dict[str, Any]:
+    """The call keywords of ``generate`` (the web app calls with the same): the tiny
+    set-up's identity unless images or P_id are given, or several people."""
+    identity = setup.identity if args.tiny else {}
+    call_kwargs = dict(setup.options, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                       id_prompt=args.id_prompt or identity.get("id_prompt"),
+                       id_images=args.id_image or identity.get("id_images"),
+                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                       height=args.height, width=args.width,
+                       num_images_per_prompt=args.num_images)
+    if call_kwargs["guidance_scale"] is None:  # the pipeline's own default (SDXL 5, FLUX 3.5)
+        call_kwargs.pop("guidance_scale")
+    if args.person:  # several people: each brings its own prompt, images and region
+        if args.id_prompt or args.id_image:
+            raise SystemExit("error: give --person (repeatable) or --id-prompt/--id-image, "
+                             "not both")
+        call_kwargs.pop("id_prompt")
+        call_kwargs.pop("id_images")
+        call_kwargs["people"] = args.person
+    return call_kwargs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -297,21 +373,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     setup = _pipeline_for(args, backend_extras(args.backend))
     setup.pipe.set_progress_bar_config(disable=False)
     bf = bf_core.wrap(setup.pipe, backend=args.backend, config=config)
-    identity = setup.identity if args.tiny else {}
-    call_kwargs = dict(setup.options, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                       id_prompt=args.id_prompt or identity.get("id_prompt"),
-                       id_images=args.id_image or identity.get("id_images"),
-                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       height=args.height, width=args.width,
-                       num_images_per_prompt=args.num_images)
-    if args.person:  # several people: each brings its own prompt, images and region
-        if args.id_prompt or args.id_image:
-            raise SystemExit("error: give --person (repeatable) or --id-prompt/--id-image, "
-                             "not both")
-        call_kwargs.pop("id_prompt")
-        call_kwargs.pop("id_images")
-        call_kwargs["people"] = args.person
-    written = _run_and_save(bf, config, out, call_kwargs, args.seed, stem)
+    written = _run_and_save(bf, config, out, generate_call_kwargs(args, setup), args.seed, stem)
     print("\n".join(str(p) for p in written))
     return 0
 
@@ -326,17 +388,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _refuse_overwrite([out / f"demo_seed{args.seed}_0.png", out / "demo_settings.json"],
                       args.overwrite)
-    print(f"beyondfacial demo ({args.backend}): a TINY SDXL pipeline with RANDOM weights, built "
-          "offline. The pictures are noise-like by design; they show the machinery (two lines, "
+    host = tiny_host(args)
+    print(f"beyondfacial demo ({args.backend}): a TINY {HOST_LABELS[host]} pipeline with RANDOM "
+          "weights, built offline. The pictures are noise-like by design; they show the machinery (two lines, "
           "fusion maps), not quality.")
     # A random-weight face detector "finds" dozens of faces in any photo; saying so on every
-    # call would only bury the demo's output.
+    # call would only bury the demo's output. main() restores the filters when it returns.
     from bf_core.faces import MultipleFacesWarning
 
-    warnings.filterwarnings("ignore", category=MultipleFacesWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
+    if not getattr(args, "verbose", False):
+        warnings.filterwarnings("ignore", category=MultipleFacesWarning)
     extras = backend_extras(args.backend)
-    setup = extras.tiny_pipeline(seed=0)
+    setup = extras.tiny_setup(seed=0, host=host)
     setup.pipe.set_progress_bar_config(disable=False, desc="beyondfacial demo")
     config = bf_core.BFConfig()
     bf = bf_core.wrap(setup.pipe, backend=args.backend, config=config)
@@ -384,7 +447,11 @@ def add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate images with a backend and write them with "
                                           "their fusion maps and exact settings")
     gen.add_argument("--backend", default="dreambooth", help="see `beyondfacial backends`")
-    gen.add_argument("--base-model", help="diffusers SDXL folder or hub id")
+    gen.add_argument("--base-model", help="diffusers SDXL or FLUX.1 folder or hub id (a FLUX "
+                     "model, e.g. black-forest-labs/FLUX.1-dev, runs on the FLUX host)")
+    gen.add_argument("--host", choices=("sdxl", "flux"), default=None,
+                     help="with --tiny: the tiny pipeline's family (default: the backend's "
+                          "first); with --base-model the model decides")
     gen.add_argument("--checkpoint", help="the identity method's checkpoint (path or id); for "
                      "InstantID a folder with ip-adapter.bin and ControlNetModel/, for PuLID its "
                      "file with the face models beside it (docs/benchmark.md)")
@@ -400,7 +467,8 @@ def add_generate_parser(sub) -> None:
                           "a face found in the preview; or mask=file.png)")
     gen.add_argument("--seed", type=int, action="append", help="repeatable; default 0")
     gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--guidance-scale", type=float, default=None,
+                     help="default: the pipeline's (5.0 on SDXL, distilled 3.5 on FLUX.1)")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt and seed")
@@ -417,12 +485,48 @@ def add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="a tiny offline run: image, fusion maps, comparison")
     demo.add_argument("--backend", default="photomaker",
                       help="a backend with a tiny offline setup (default: photomaker, the paper's host)")
+    demo.add_argument("--host", choices=("sdxl", "flux"), default=None,
+                      help="the tiny pipeline's family (default: the backend's first)")
     demo.add_argument("--out", default="beyondfacial-demo")
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """The web app (bf_core.app); without gradio, one line naming the extra to install."""
+    from bf_core import app
+
+    if app.gradio_missing():
+        raise SystemExit(f"error: {app.INSTALL_HINT}")
+    app.launch(host=args.host, port=args.port, out=args.out)
+    return 0
+
+
+def add_app_parser(sub) -> None:
+    web = sub.add_parser("app", help="a web page over generate: the method beside its baseline, "
+                                     "fusion maps, settings, the CLI command (extra: app)")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--out", default="beyondfacial-app", help="folder of the runs' files")
+    web.set_defaults(func=cmd_app)
+
+
+def add_inventory_parsers(sub) -> None:
+    """``backends`` and ``env``: answered from package metadata, importing nothing heavy;
+    ``--check`` loads every plugin (or torch) for what only loading can tell."""
+    backends = sub.add_parser("backends", help="list installed backends, hosts and plugins as "
+                                               "JSON, from package metadata")
+    backends.add_argument("--check", action="store_true",
+                          help="load every plugin: what each registers, its description, and "
+                               "any that fails to load (imports torch and diffusers)")
+    backends.set_defaults(func=cmd_backends)
+    env = sub.add_parser("env", help="library versions and devices as JSON")
+    env.add_argument("--check", action="store_true",
+                     help="import torch for its own view of the devices")
+    env.set_defaults(func=cmd_env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,10 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show every library's messages, and the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
-    sub.add_parser("backends", help="list installed backends, hosts and plugins as JSON"
-                   ).set_defaults(func=cmd_backends)
-    sub.add_parser("env", help="library versions and devices as JSON").set_defaults(func=cmd_env)
+    add_inventory_parsers(sub)
     add_demo_parser(sub)
+    add_app_parser(sub)
     # Listed for --help only: main() hands everything after "bench" to the benchmark's parser.
     sub.add_parser("bench", add_help=False,
                    help="cross-method benchmark (beyondfacial bench --help; e.g. --tiny --out DIR)")
@@ -462,16 +565,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "--verbose" in argv
     argv = [arg for arg in argv if arg != "--verbose"]
-    if not verbose:
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. the torchvision notice
+    from bf_core.quiet import quiet_third_party
+
     try:
-        if argv and argv[0] == "bench":
-            return cmd_bench(argv[1:])
-        args = build_parser().parse_args(argv)
-        if getattr(args, "seed", None) is None and args.command == "generate":
-            args.seed = [0]
-        return args.func(args)
+        # Other libraries' known noise is dropped while the command runs, and only then.
+        with quiet_third_party(enabled=not verbose):
+            if argv and argv[0] == "bench":
+                return cmd_bench(argv[1:])
+            args = build_parser().parse_args(argv)
+            args.verbose = verbose
+            if getattr(args, "seed", None) is None and args.command == "generate":
+                args.seed = [0]
+            return args.func(args)
     except Exception as exc:  # SystemExit and KeyboardInterrupt are not Exceptions: they pass
         if verbose:
             raise

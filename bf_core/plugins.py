@@ -94,6 +94,52 @@ class Registered:
     plugin: str
 
 
+@dataclass
+class PluginSource:
+    """A plugin found, not yet loaded: its record, the module it names, how to load it."""
+
+    record: PluginRecord
+    module: str
+    load: Callable[[], Any]
+
+
+def plugin_sources(load_entry_points: bool = True) -> list[PluginSource]:
+    """Every plugin of the entry-point group, found from metadata alone (nothing is imported).
+    The built-in plugins come from ``BUILTIN_PLUGINS`` when the package runs from a source
+    tree that was never installed, so its own entry points are not visible."""
+    sources: list[PluginSource] = []
+    found_builtin = False
+    if load_entry_points:
+        for ep in metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            found_builtin |= dist_name == BUILTIN_DISTRIBUTION
+            if any(s.record.name == ep.name for s in sources):
+                continue  # the same distribution seen twice on sys.path
+            record = PluginRecord(ep.name, "entry point", dist_name,
+                                  dist.version if dist is not None else None)
+            sources.append(PluginSource(record, ep.module, ep.load))
+    if not found_builtin:
+        for name, module in BUILTIN_PLUGINS.items():
+            record = PluginRecord(name, "built-in", BUILTIN_DISTRIBUTION, _own_version())
+            sources.append(PluginSource(record, module,
+                                        lambda m=module: importlib.import_module(m)))
+    return sources
+
+
+def blocked_reason(name: str, builtin: bool) -> str | None:
+    """None if plugin ``name`` may load under the environment switches, else why not."""
+    blocked, allowed = _env_names(BLOCK_ENV), _env_names(ALLOW_ENV)
+    if blocked and name in blocked:
+        return f"blocked by {BLOCK_ENV}"
+    # The built-in hosts are what every backend runs on: an allow list of backends keeps them.
+    if allowed is not None and name not in allowed and not (builtin and name in BUILTIN_HOSTS):
+        return f"not listed in {ALLOW_ENV}"
+    if not builtin and os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"third-party plugins disabled by {DISABLE_ENV}"
+    return None
+
+
 def _env_names(name: str) -> set[str] | None:
     value = os.environ.get(name)
     if value is None:
@@ -127,21 +173,9 @@ class PluginRegistry:
         self._lock = threading.RLock()
 
     # -- loading --------------------------------------------------------------------------
-    def _allowed(self, name: str, builtin: bool) -> str | None:
-        """None if ``name`` may load, else the reason it is blocked."""
-        blocked, allowed = _env_names(BLOCK_ENV), _env_names(ALLOW_ENV)
-        if blocked and name in blocked:
-            return f"blocked by {BLOCK_ENV}"
-        # The built-in hosts are what every backend runs on: an allow list of backends keeps them.
-        if allowed is not None and name not in allowed and not (builtin and name in BUILTIN_HOSTS):
-            return f"not listed in {ALLOW_ENV}"
-        if not builtin and os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-            return f"third-party plugins disabled by {DISABLE_ENV}"
-        return None
-
     def _register_module(self, record: PluginRecord, loader: Callable[[], Any]) -> None:
         self.plugins.append(record)
-        reason = self._allowed(record.name, record.builtin)
+        reason = blocked_reason(record.name, record.builtin)
         if reason:
             record.status, record.error = "blocked", reason
             return
@@ -151,21 +185,8 @@ class PluginRegistry:
             self._mark_failed(record.name, exc, "import")
 
     def _discover(self) -> None:
-        found_builtin = False
-        if self._load_entry_points:
-            for ep in metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
-                dist = getattr(ep, "dist", None)
-                dist_name = dist.metadata["Name"] if dist is not None else None
-                found_builtin |= dist_name == BUILTIN_DISTRIBUTION
-                if any(p.name == ep.name for p in self.plugins):
-                    continue  # the same distribution seen twice on sys.path
-                self._register_module(PluginRecord(ep.name, "entry point", dist_name,
-                                                   dist.version if dist is not None else None),
-                                      ep.load)
-        if not found_builtin:
-            for name, module in BUILTIN_PLUGINS.items():
-                record = PluginRecord(name, "built-in", BUILTIN_DISTRIBUTION, _own_version())
-                self._register_module(record, lambda m=module: importlib.import_module(m))
+        for source in plugin_sources(self._load_entry_points):
+            self._register_module(source.record, source.load)
 
     def _add_extension_hookspecs(self) -> None:
         """Hookspec modules other packages of the project advertise (the benchmark's)."""
@@ -427,6 +448,14 @@ def get_registry() -> PluginRegistry:
         if _registry is None:
             _registry = PluginRegistry()
     return _registry.ensure_loaded()
+
+
+def loaded_registry() -> PluginRegistry | None:
+    """The process-wide registry if it has loaded its plugins already, else None; never
+    loads (``beyondfacial backends`` answers from it when this process has one)."""
+    with _registry_lock:
+        registry = _registry
+    return registry if registry is not None and registry._loaded else None
 
 
 def reset_registry() -> None:

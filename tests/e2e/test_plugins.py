@@ -58,7 +58,10 @@ def cli_backends(extra_path: Path | None = None, **env: str) -> list[dict]:
     environment = dict(os.environ, **env)
     if extra_path is not None:
         environment["PYTHONPATH"] = os.pathsep.join([str(extra_path), str(REPO_ROOT)])
-    result = subprocess.run([sys.executable, "-m", "bf_core.cli", "backends"], check=True,
+    # --check loads every plugin: these tests are about loading (plain `backends` reads
+    # metadata only, tests/unit/test_cli_fast.py)
+    result = subprocess.run([sys.executable, "-m", "bf_core.cli", "backends", "--check"],
+                            check=True,
                             capture_output=True, text=True, env=environment)
     return json.loads(result.stdout)
 

@@ -1,0 +1,207 @@
+"""Browser tests of ``beyondfacial app``: Playwright drives Debian's Chromium.
+
+Playwright's own browser download cannot work offline, so the tests point it at the
+``chromium`` package's ``/usr/bin/chromium`` (``.ci/run`` installs it). Without Chromium,
+Playwright or gradio a test skips with the reason; under CI a missing Chromium fails.
+
+Every test starts the app on 127.0.0.1 on a free port, on the tiny offline pipeline, and
+runs 4 steps at 64 x 64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+#: Upper bounds for waiting, never asserted on: a CPU run of the tiny pipeline builds it,
+#: then makes the method's picture and the baseline.
+START_TIMEOUT_S = 180
+RUN_TIMEOUT_MS = 300_000
+STEPS = 4
+SIZE = 64
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the browser tests: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        import gradio  # noqa: F401
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        _skip_or_fail(f"{exc.name} is not installed: pip install -c constraints-cpu.txt "
+                      "-e \".[test]\"")
+    if not CHROMIUM.exists():
+        _skip_or_fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                              args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_served(url: str, process: subprocess.Popen | None = None) -> None:
+    """Poll the page until it answers; a server process that ends first fails the test."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"beyondfacial app ended with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the app did not answer at {url} within {START_TIMEOUT_S} s")
+
+
+@pytest.fixture
+def cli_app(tmp_path):
+    """``beyondfacial app`` as a user starts it: a process of its own, in ``tmp_path``
+    (its runs go to the default ``beyondfacial-app/`` there); yields its URL."""
+    port = free_port()
+    log = (tmp_path / "app.log").open("w")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    process = subprocess.Popen([sys.executable, "-m", "bf_core.cli", "app", "--host",
+                                "127.0.0.1", "--port", str(port)], cwd=tmp_path, stdout=log,
+                               stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_served(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def start_app(tmp_path):
+    """Start the app in this process (to hand it a pipeline cache); returns its URL."""
+    from bf_core.app import ui
+
+    started = []
+
+    def start(cache=None) -> str:
+        port = free_port()
+        started.append(ui.launch(host="127.0.0.1", port=port, out=tmp_path / "runs",
+                                 cache=cache, block=False))
+        url = f"http://127.0.0.1:{port}/"
+        wait_until_served(url)
+        return url
+
+    yield start
+    for app in started:
+        app.close()
+
+
+PROGRESS_RECORDER = r"""() => {
+  window.bfProgress = [];
+  const step = /seed \d+, (?:BeyondFacial|baseline): step \d+ of \d+/;
+  new MutationObserver((records) => {
+    for (const record of records) {
+      const node = record.target.nodeType === Node.TEXT_NODE ? record.target.parentElement
+                                                              : record.target;
+      const found = node && node.textContent.match(step);
+      if (found && window.bfProgress.at(-1) !== found[0]) window.bfProgress.push(found[0]);
+    }
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+class AppPage:
+    """The app's page, by the element ids the app gives its components."""
+
+    def __init__(self, page, url: str):
+        self.page = page
+        page.set_default_timeout(RUN_TIMEOUT_MS)
+        page.goto(url)
+        page.locator("#generate").wait_for()
+
+    def fill(self, photo: Path | None, prompt: str) -> None:
+        """Upload ``photo`` and type the prompt, steps and size."""
+        if photo is not None:
+            self.page.locator("#photos input[type=file]").set_input_files(str(photo))
+            self.page.locator("#photos").get_by_text(photo.name).wait_for()
+        self.page.locator("#prompt textarea").fill(prompt)
+        self.page.locator("#steps input").fill(str(STEPS))
+        self.page.locator("#height input").fill(str(SIZE))
+        self.page.locator("#width input").fill(str(SIZE))
+
+    def open_advanced(self) -> None:
+        self.page.locator("#advanced").get_by_text("Advanced").click()
+
+    def generate(self) -> None:
+        self.page.locator("#generate").click()
+
+    def record_progress(self) -> None:
+        """From now on, keep every step the progress bar shows: a run of the tiny pipeline
+        passes its steps quicker than polling the page could see them."""
+        self.page.evaluate(PROGRESS_RECORDER)
+
+    def progress_seen(self) -> list[str]:
+        return self.page.evaluate("() => window.bfProgress")
+
+    def wait_for_results(self) -> None:
+        for gallery in ("#method-images", "#baseline-images"):
+            self.page.locator(f"{gallery} img").first.wait_for()
+        self.page.locator("#settings-file a").first.wait_for()
+
+    def image_files(self, gallery: str) -> list[bytes]:
+        """The files behind a gallery's pictures, as the browser fetches them."""
+        images = self.page.locator(f"#{gallery} img")
+        sources = [images.nth(i).get_attribute("src") for i in range(images.count())]
+        return [self.page.request.get(src).body() for src in dict.fromkeys(sources)]
+
+    def settings(self) -> dict:
+        """The settings JSON, downloaded through its link."""
+        with self.page.expect_download() as download:
+            self.page.locator("#settings-file a").first.click()
+        return json.loads(Path(download.value.path()).read_text())
+
+    def command(self) -> str:
+        return self.page.locator("#cli-command textarea").input_value()
+
+    def screenshot(self, path: Path) -> Path:
+        self.page.wait_for_load_state("networkidle")
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def open_page(browser):
+    contexts = []
+
+    def open_(url: str) -> AppPage:
+        context = browser.new_context(viewport={"width": 1280, "height": 1000},
+                                      accept_downloads=True)
+        contexts.append(context)
+        return AppPage(context.new_page(), url)
+
+    yield open_
+    for context in contexts:
+        context.close()
