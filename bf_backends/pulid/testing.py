@@ -65,7 +65,8 @@ def tiny_encoder_config(version: str, context_dim: int = 64,
     raise ConfigError(f"PuLID version must be 'v1' or 'v1.1', got {version!r}.")
 
 
-def _random_tensor(key: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+def random_tensor(key: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A random checkpoint value for ``key`` of ``shape`` (also PuLID-FLUX's tiny files)."""
     values = torch.randn(shape, generator=generator)
     if len(shape) >= 2:  # matrices: unit-variance outputs for unit-variance inputs
         return values / math.sqrt(shape[-1])
@@ -82,9 +83,9 @@ def tiny_pulid_state_dict(unet: nn.Module, version: str, *, seed: int = 0,
     with torch.device("meta"):
         encoder_shapes = expected_shapes(build_encoder(version, config))
     generator = torch.Generator().manual_seed(seed)
-    flat = {f"{ENCODER_PREFIX}.{key}": _random_tensor(key, shape, generator)
+    flat = {f"{ENCODER_PREFIX}.{key}": random_tensor(key, shape, generator)
             for key, shape in encoder_shapes.items()}
-    flat.update({f"{ATTENTION_PREFIX}.{key}": _random_tensor(key, shape, generator)
+    flat.update({f"{ATTENTION_PREFIX}.{key}": random_tensor(key, shape, generator)
                  for key, shape in pulid_attention_shapes(unet).items()})
     return flat
 
