@@ -16,8 +16,7 @@ def bf_backend_extras(backend):
         return None
     from bf_core.extras import folder_extras
 
-    # No speed_setup: the speed script builds SDXL pipelines.
     return folder_extras("bf_backends.infiniteyou",
                          prompt="a person is kneeling by a small lake, touching the water, "
                                 "full body, wide shot",
-                         id_prompt="a person", without=("scene_prompt", "speed_setup"))
+                         id_prompt="a person", without=("scene_prompt",))

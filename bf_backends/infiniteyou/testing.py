@@ -25,7 +25,7 @@ from bf_backends.infiniteyou.loader import (
     resampler_shape_for,
 )
 from bf_backends.infiniteyou.modules import InfiniteYouResampler
-from bf_core.extras import PipelineSetup
+from bf_core.extras import PipelineSetup, SpeedSetup
 
 TINY_RESAMPLER_WIDTH = 128  # two 64-wide heads
 TINY_INFUSENET_BLOCKS = (1, 2)  # double, single: the base has 2 + 2, so the intervals are 2 and 1
@@ -135,3 +135,20 @@ def tiny_setup(seed: int = 0, host: str = "flux") -> PipelineSetup:
     return PipelineSetup(pipe, identity={"id_images": [reference_photo(seed)],
                                          "id_prompt": "a person"},
                          options={"face_analyzer": analyzer})
+
+
+def speed_setup(pipe: Any, real: bool, resolution: int, seed: int = 0,
+                lora_rank: int = 64) -> SpeedSetup:
+    """The speed script's InfiniteYou on a FLUX pipeline: InfuseNet with the published block
+    counts (4 double, 10 single) at real size, the tiny ones otherwise, and the Resampler,
+    random weights, fed a fixed ArcFace embedding (``face_embeds``: no face analyser runs)."""
+    blocks = (4, 10) if real else TINY_INFUSENET_BLOCKS
+    net = tiny_infusenet(pipe, seed=seed + INFUSENET_SEED_OFFSET, blocks=blocks)
+    width = None if real else TINY_RESAMPLER_WIDTH  # None: the published 1280
+    image_proj = tiny_image_proj(net.config.joint_attention_dim,
+                                 seed=seed + RESAMPLER_SEED_OFFSET, width=width or 1280)
+    attach_infiniteyou(pipe, net, {IMAGE_PROJ_PART: image_proj}, torch_dtype=pipe.transformer.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    embedding = torch.nn.functional.normalize(torch.randn(1, 512, generator=generator), dim=-1)
+    return SpeedSetup(pipe, {"face_embeds": embedding, "id_prompt": "a person"},
+                      prompt=SCENE_PROMPT)

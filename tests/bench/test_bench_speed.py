@@ -57,6 +57,24 @@ def test_speed_benchmark_times_each_backend_against_its_own_baseline(tmp_path):
         assert f"| {backend} | eager | wrapped (one call per line) | " in table
 
 
+def test_the_speed_benchmark_on_the_tiny_flux_pipeline(tmp_path):
+    """``--host flux``: the FLUX backends on the tiny FluxPipeline. No CFG, so the baseline
+    runs T transformer rows and the wrapped runs T + (T - M1 - 1), M1 floored on FLUX."""
+    steps = 5
+    backends = ("dreambooth", "xlabs_ipadapter", "infiniteyou")
+    result = run_speed(tmp_path, "--host", "flux", "--steps", str(steps), "--backends",
+                       ",".join(backends))
+    assert result["host"] == "flux" and result["errors"] == {}
+    rows = {(m["backend"], m["variant"]): m for m in result["measurements"]}
+    assert set(rows) == {(b, v) for b in backends for v in VARIANTS}
+    m1 = int(0.2 * steps)
+    for backend in backends:
+        assert rows[backend, "stock"]["model_rows"] == steps
+        for variant in VARIANTS - {"stock"}:
+            assert rows[backend, variant]["model_rows"] == steps + (steps - m1 - 1)
+    assert "FLUX tiny size" in (tmp_path / "speed.md").read_text()
+
+
 def test_an_unknown_backend_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         speed.build_parser().parse_args(["--backends", "ipadapter,faceswap"])
