@@ -269,11 +269,17 @@ def settings_record(bf, config, call_kwargs: dict[str, Any], seeds: list[int],
     (the web app offers the same record for download)."""
     import dataclasses
 
-    return {"backend": bf.backend.name, "seeds": seeds, "config": dataclasses.asdict(config),
-            "call": {k: v for k, v in call_kwargs.items() if k not in ("id_images", "people")},
-            "people": [_person_settings(p) for p in call_kwargs.get("people") or []],
-            "id_images": [str(p) for p in call_kwargs.get("id_images") or []],
-            "versions": _versions(), "files": [p.name for p in files]}
+    from bf_core.protocols import idap_applicable
+
+    record = {"backend": bf.backend.name, "host": bf.host.name, "seeds": seeds,
+              "config": dataclasses.asdict(config),
+              "call": {k: v for k, v in call_kwargs.items() if k not in ("id_images", "people")},
+              "people": [_person_settings(p) for p in call_kwargs.get("people") or []],
+              "id_images": [str(p) for p in call_kwargs.get("id_images") or []],
+              "versions": _versions(), "files": [p.name for p in files]}
+    if config.enabled and config.use_idap and not idap_applicable(bf.backend):
+        record["idap"] = "not applicable"  # the backend's T_id is not text (PuLID-FLUX)
+    return record
 
 
 def _run_and_save(bf, config, out: Path, call_kwargs: dict[str, Any], seeds: list[int],

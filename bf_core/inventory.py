@@ -33,6 +33,8 @@ BUILTIN_BACKEND_EXTRAS = {
     "ipadapter": ("faces",),
     "instantid": ("faces",),
     "pulid": ("pulid",),
+    "pulid_flux": ("pulid",),
+    "infiniteyou": ("faces",),
 }
 _KIND_ORDER = {"backend": 0, "host": 1, "plugin": 2}
 

@@ -17,7 +17,6 @@ def bf_backend_extras(backend):
         return None
     from bf_core.extras import folder_extras
 
-    # No speed_setup: the speed script times SDXL pipelines only.
     return folder_extras("bf_backends.pulid_flux",
                          prompt="a person is kneeling by a small lake",
-                         id_prompt="a person", without=("scene_prompt", "speed_setup"))
+                         id_prompt="a person", without=("scene_prompt",))

@@ -32,7 +32,7 @@ from bf_backends.pulid_flux.loader import (
 )
 from bf_backends.pulid_flux.modules import PuLIDFluxConfig
 from bf_core.errors import ConfigError
-from bf_core.extras import PipelineSetup
+from bf_core.extras import PipelineSetup, SpeedSetup
 
 ASSETS = Path(__file__).parent / "assets"
 #: The tiny IDFormer's output width: T_id is (1, 32, 48). Not the transformer's width (32),
@@ -97,3 +97,21 @@ def tiny_setup(seed: int = 0, host: str = "flux") -> PipelineSetup:
         raise ConfigError(f"PuLID-FLUX runs on the FLUX host only, got host={host!r}")
     return PipelineSetup(tiny_pipeline(seed),
                          identity={"id_images": [str(reference_photo_path())]})
+
+
+def speed_setup(pipe: Any, real: bool, resolution: int, seed: int = 0,
+                lora_rank: int = 64) -> SpeedSetup:
+    """The speed script's PuLID-FLUX: the official IDFormer and the 20 cross-attention
+    modules at real size (the tiny ones otherwise), random weights, fed random face features
+    of the real encoders' shapes (no face models run)."""
+    from bf_backends.pulid.modules import EVA_TOKENS_PER_IMAGE
+    from bf_backends.pulid.testing import TINY_VIT_TOKENS, RandomFaceFeatures
+
+    config = PuLIDFluxConfig() if real else tiny_config()
+    tokens = EVA_TOKENS_PER_IMAGE if real else TINY_VIT_TOKENS
+    transformer = pipe.transformer
+    state = tiny_pulid_flux_state_dict(transformer, config, seed=seed)
+    features = RandomFaceFeatures(config.encoder.id_cond_dim, config.encoder.vit_dim, tokens,
+                                  transformer.device, seed)
+    attach_pulid_flux(pipe, state, features, config=config)
+    return SpeedSetup(pipe, {"id_images": [str(reference_photo_path())]})

@@ -61,7 +61,7 @@ def test_the_speed_benchmark_on_the_tiny_flux_pipeline(tmp_path):
     """``--host flux``: the FLUX backends on the tiny FluxPipeline. No CFG, so the baseline
     runs T transformer rows and the wrapped runs T + (T - M1 - 1), M1 floored on FLUX."""
     steps = 5
-    backends = ("dreambooth", "xlabs_ipadapter", "infiniteyou")
+    backends = ("dreambooth", "xlabs_ipadapter", "pulid_flux", "infiniteyou")
     result = run_speed(tmp_path, "--host", "flux", "--steps", str(steps), "--backends",
                        ",".join(backends))
     assert result["host"] == "flux" and result["errors"] == {}

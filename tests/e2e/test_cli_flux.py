@@ -37,3 +37,16 @@ def test_a_backend_serving_sdxl_only_is_refused_on_flux(tmp_path):
     with pytest.raises(SystemExit, match="'photomaker' serves sdxl pipelines, not flux"):
         cli.main(["demo", "--backend", "photomaker", "--host", "flux", "--out",
                   str(tmp_path / "demo")])
+
+
+def test_the_settings_say_idap_does_not_apply_to_pulid_flux(tmp_path, capsys, monkeypatch):
+    from bf_core import loop
+
+    monkeypatch.setattr(loop, "_IDAP_WARNED", set())  # the warning comes once per process
+    args = ["generate", "--tiny", "--backend", "pulid_flux", "--prompt", "a person at a market",
+            "--steps", "3", "--height", "64", "--width", "64", "--out", str(tmp_path),
+            "--name", "pulid", "--dtype", "float32"]
+    with pytest.warns(UserWarning, match="IdAP does not apply"):
+        assert cli.main(args) == 0
+    settings = json.loads((tmp_path / "pulid_settings.json").read_text())
+    assert settings["idap"] == "not applicable" and settings["host"] == "flux"
