@@ -336,8 +336,10 @@ class FluxModel:
 
     def per_branch(self, batch: FluxRowBatch, inputs_of) -> torch.Tensor:
         """A one-line, two-branch batch as two calls in the stock order (conditional first);
-        ``inputs_of(branch)`` gives each call's keywords for ``run``. Returns the outputs in
-        the batch's row order (negative rows first)."""
+        ``inputs_of(branch)`` gives each call's keywords for ``run``. It is called right
+        before that branch's call (never earlier), so it may also set per-branch state that
+        hooks read during the call. Returns the outputs in the batch's row order (negative
+        rows first)."""
         rows = batch.rows_per_branch
         cond = self.run(batch, rows, 2 * rows, context="cond", **inputs_of(Branch.COND))
         uncond = self.run(batch, 0, rows, context="uncond", **inputs_of(Branch.UNCOND))
