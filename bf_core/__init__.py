@@ -22,6 +22,7 @@ _LAZY = {
     "BFConfig": "bf_core.config",
     "IdAFConfig": "bf_core.config",
     "IdAPConfig": "bf_core.config",
+    "RefineConfig": "bf_core.config",
     "idaf": "bf_core.fusion",
     "idap_query": "bf_core.aggregation",
     "idap_aggregate": "bf_core.aggregation",
@@ -52,6 +53,7 @@ __all__ = [
     "Line",
     "LineConditioning",
     "Person",
+    "RefineConfig",
     "hookimpl",
     "idaf",
     "idap_aggregate",
@@ -65,7 +67,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from bf_core.aggregation import idap_aggregate, idap_query
-    from bf_core.config import BFConfig, IdAFConfig, IdAPConfig
+    from bf_core.config import BFConfig, IdAFConfig, IdAPConfig, RefineConfig
     from bf_core.fusion import idaf
     from bf_core.hookspecs import hookimpl
     from bf_core.plugins import register_plugin, unregister_plugin

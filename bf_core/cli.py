@@ -47,7 +47,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lambda-mode", choices=("temperature", "weight"), default="temperature")
     group.add_argument("--smoothing", choices=("avgpool", "downup", "none"), default="avgpool")
     group.add_argument("--smooth-kernel", type=int, default=4)
-    group.add_argument("--saliency", choices=("guided", "cfg_delta"), default="guided")
+    group.add_argument("--saliency", choices=("guided", "cfg_delta", "x0"), default="guided")
     group.add_argument("--idap-tokens", type=int, default=8, help="K")
     group.add_argument("--idap-seed", type=int, default=0)
     group.add_argument("--idap-temperature", type=_temperature, default=None)
@@ -63,11 +63,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                        help="box=auto: the face found in the preview, scaled by this")
     group.add_argument("--auto-region-fallback", choices=("bands", "error"), default="bands",
                        help="box=auto with too few faces: vertical bands, or an error")
+    refine = parser.add_argument_group("face refine (with --refine-faces; docs/refine.md)")
+    refine.add_argument("--refine-strength", type=float, default=0.45)
+    refine.add_argument("--refine-steps", type=int, default=20,
+                        help="about this many steps really run in the pass")
+    refine.add_argument("--refine-max-face-px", type=int, default=256,
+                        help="refine only faces whose short side is below this")
+    refine.add_argument("--refine-max-faces", type=int, default=1, help="per person")
+    refine.add_argument("--refine-work-size", type=int, default=None,
+                        help="the crop's side in the pass (default: the model's native size)")
+    refine.add_argument("--refine-identity", choices=("on", "off"), default="on",
+                        help="off: the ablation without the identity machinery in the pass")
 
 
 def config_from_args(args: argparse.Namespace):
-    from bf_core.config import BFConfig, IdAFConfig, IdAPConfig
+    from bf_core.config import BFConfig, IdAFConfig, IdAPConfig, RefineConfig
 
+    refine = RefineConfig(strength=args.refine_strength, effective_steps=args.refine_steps,
+                          max_face_px=args.refine_max_face_px, max_faces=args.refine_max_faces,
+                          work_size=args.refine_work_size, identity=args.refine_identity)
     return BFConfig(
         enabled=not args.disable, idaf_start=args.idaf_start, idap_start=args.idap_start,
         use_idaf=not args.no_idaf, use_idap=not args.no_idap,
@@ -80,7 +94,7 @@ def config_from_args(args: argparse.Namespace):
         semantic_adapters=args.semantic_adapters, share_negative=args.share_negative,
         batch_lines=not args.no_batch_lines, idap_people=args.idap_people,
         auto_region_scale=args.auto_region_scale,
-        auto_region_fallback=args.auto_region_fallback)
+        auto_region_fallback=args.auto_region_fallback, refine=refine)
 
 
 def _versions() -> dict[str, str | None]:
@@ -226,6 +240,17 @@ def parse_person(spec: str):
     return Person(**fields)
 
 
+def _refine_box(text: str) -> tuple[float, float, float, float]:
+    """``--refine-box``: four fractions x0,y0,x1,y1."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: four numbers x0,y0,x1,y1 in fractions")
+    return box
+
+
 def _mask_file(path: str):
     """A region mask read from an image file (greyscale; white is inside)."""
     from bf_core.images import load_image
@@ -260,6 +285,10 @@ def save_result(result, out: Path, stem: str, seed: int) -> list[Path]:
             strip_path = out / f"{stem}_seed{seed}_{index}_fusion.png"
             _save_image(strip, strip_path)
             written.append(strip_path)
+        if getattr(result, "unrefined_images", None) is not None:  # --refine-faces
+            before = out / f"{stem}_seed{seed}_{index}_unrefined.png"
+            _save_image(result.unrefined_images[index], before)
+            written.append(before)
     return written
 
 
@@ -364,6 +393,12 @@ def generate_call_kwargs(args: argparse.Namespace, setup) -> dict[str, Any]:
         call_kwargs.pop("id_prompt")
         call_kwargs.pop("id_images")
         call_kwargs["people"] = args.person
+    if getattr(args, "refine_faces", False):
+        call_kwargs["refine_faces"] = True
+        if args.refine_box:
+            call_kwargs["refine_boxes"] = args.refine_box
+    elif getattr(args, "refine_box", None):
+        raise SystemExit("error: --refine-box takes effect with --refine-faces; add it")
     return call_kwargs
 
 
@@ -466,6 +501,12 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--id-prompt", default=None, help="P_id; default: the backend's")
     gen.add_argument("--id-image", action="append", help="reference image (repeatable)")
+    gen.add_argument("--refine-faces", action="store_true",
+                     help="a second pass over each small face with the identity machinery on "
+                          "(docs/refine.md); the image before it is written as *_unrefined")
+    gen.add_argument("--refine-box", action="append", type=_refine_box, metavar="X0,Y0,X1,Y1",
+                     help="a face to refine, in fractions of the image (repeatable; default: "
+                          "the faces found by the face analysis)")
     gen.add_argument("--person", action="append", type=parse_person, metavar="SPEC",
                      help="one of several people (repeatable), as 'prompt=a photo of sks "
                           "woman;box=0,0,0.5,1;image=ana.jpg' (each part optional, image "

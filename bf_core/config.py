@@ -138,6 +138,73 @@ class IdAPConfig:
 
 
 @dataclass(frozen=True)
+class RefineConfig:
+    """The face-refine pass (``refine_faces=True``; docs/refine.md), the spec's defaults.
+
+    max_faces: faces refined per person (the largest first); max_face_px: only faces whose
+    short side is below this are refined (larger ones are drawn well already);
+    mask_scale: the face box is scaled by it about its centre (forehead, hairline, chin);
+    mask_dilate_px: the sampler's binary mask grows by it; mask_blur_px: the paste mask's
+    soft edge (its support is the scaled box grown by this much); crop_factor: the crop is
+    a square of this times the face's long side; work_size: the side the crop is denoised
+    at (None: the host's native size); strength: how far the crop is noised back (0, 1];
+    effective_steps: about this many steps really run (steps = ceil(effective / strength));
+    min_effective_steps: a few-step model (<= 8 steps in the main call) keeps its own step
+    count and at least this many effective steps; detector_size: the face analysis'
+    detection size; identity: ``"on"`` (the backend's identity machinery in the pass) or
+    ``"off"`` (the ablation: the base model alone).
+    """
+
+    max_faces: int = 1
+    max_face_px: int = 256
+    mask_scale: float = 1.2
+    mask_dilate_px: int = 4
+    mask_blur_px: int = 4
+    crop_factor: float = 3.0
+    work_size: int | None = None
+    strength: float = 0.45
+    effective_steps: int = 20
+    min_effective_steps: int = 2
+    detector_size: int = 1024
+    identity: str = "on"
+
+    def __post_init__(self):
+        _require_int("RefineConfig.max_faces", self.max_faces, 1, 64)
+        _require_int("RefineConfig.max_face_px", self.max_face_px, 1, 1 << 16)
+        _require_positive("RefineConfig.mask_scale", self.mask_scale, upper=10.0, lower=1.0)
+        _require_int("RefineConfig.mask_dilate_px", self.mask_dilate_px, 0, 256)
+        _require_int("RefineConfig.mask_blur_px", self.mask_blur_px, 0, 256)
+        _require_positive("RefineConfig.crop_factor", self.crop_factor, upper=20.0, lower=1.0)
+        if self.work_size is not None:
+            _require_int("RefineConfig.work_size", self.work_size, 16, 4096)
+        _require_positive("RefineConfig.strength", self.strength, upper=1.0)
+        _require_int("RefineConfig.effective_steps", self.effective_steps, 1, 1000)
+        _require_int("RefineConfig.min_effective_steps", self.min_effective_steps, 1, 1000)
+        _require_int("RefineConfig.detector_size", self.detector_size, 32, 4096)
+        _require_choice("RefineConfig.identity", self.identity, ("on", "off"))
+        if self.mask_blur_px > self.mask_dilate_px:
+            raise ConfigError(f"RefineConfig.mask_blur_px={self.mask_blur_px} is larger than "
+                              f"mask_dilate_px={self.mask_dilate_px}: the soft edge would paste "
+                              "pixels the pass did not denoise; keep blur <= dilate")
+
+    def steps(self, main_steps: int) -> tuple[int, float]:
+        """(steps, strength) of the pass: ceil(effective / strength) steps at ``strength``;
+        after a few-step model's main call (<= 8 steps), its own step count, the strength
+        raised so that at least ``min_effective_steps`` run."""
+        if main_steps <= 8:
+            strength = max(self.strength, min(1.0, self.min_effective_steps / main_steps))
+            return main_steps, strength
+        return math.ceil(self.effective_steps / self.strength), self.strength
+
+
+def effective_steps(steps: int, strength: float) -> int:
+    """How many steps an img2img pass of ``steps`` at ``strength`` runs: diffusers' rule,
+    steps - int(steps - strength * steps), i.e. ceil(strength * steps) up to round-off."""
+    init = min(steps * strength, steps)
+    return steps - int(max(steps - init, 0))
+
+
+@dataclass(frozen=True)
 class BFConfig:
     """Top-level configuration of BeyondFacial.
 
@@ -162,6 +229,7 @@ class BFConfig:
     auto_region_fallback: when the preview shows fewer faces than ``"auto"`` persons:
         ``"bands"`` (equal vertical bands of the free width, with a warning) or ``"error"``
         (``RegionNotFoundError``).
+    refine: the face-refine pass's settings (``RefineConfig``), used with ``refine_faces``.
     """
 
     enabled: bool = True
@@ -177,6 +245,7 @@ class BFConfig:
     idap_people: str = "all"
     auto_region_scale: float = 2.5
     auto_region_fallback: str = "bands"
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
     def __post_init__(self):
         for name in ("enabled", "use_idaf", "use_idap", "share_negative", "batch_lines"):
@@ -194,6 +263,9 @@ class BFConfig:
                           upper=MAX_AUTO_REGION_SCALE, lower=1.0)
         _require_choice("BFConfig.auto_region_fallback", self.auto_region_fallback,
                         AUTO_REGION_FALLBACKS)
+        if not isinstance(self.refine, RefineConfig):
+            raise ConfigError(f"BFConfig.refine must be a RefineConfig, got "
+                              f"{type(self.refine).__name__}")
 
     def thresholds(self, num_steps: int, rounding: str = "nearest") -> tuple[int, int]:
         """(M1, M2) as step indices for a schedule of ``num_steps`` steps; ``rounding`` of

@@ -211,6 +211,10 @@ class BeyondFacialPipelineOutput(BaseOutput):
         per image: ``"auto"`` regions differ between images), or None for the whole frame;
         one entry per person.
     diagnostics: backend, thresholds, model-call counts, IdAP token selections.
+    unrefined_images: with ``refine_faces=True``, the images before the face-refine pass
+        (same type as ``images``), else None.
+    refine_boxes: with ``refine_faces=True``, per image the face boxes refined, in pixels
+        (x0, y0, x1, y1).
     """
 
     images: Any
@@ -219,3 +223,5 @@ class BeyondFacialPipelineOutput(BaseOutput):
     fusion_lines: torch.Tensor | None = None
     regions: list[torch.Tensor | None] | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    unrefined_images: Any = None
+    refine_boxes: list[list[tuple[int, int, int, int]]] | None = None

@@ -32,7 +32,7 @@ from bf_core.errors import (
 CONCURRENCY_POLICIES = ("wait", "refuse")
 #: the keywords of the method itself, beside the pipeline's and the backend's own
 METHOD_KEYWORDS = ("config", "id_images", "id_prompt", "people", "preview_face_analyzer",
-                   "return_fusion_maps")
+                   "return_fusion_maps", "refine_faces", "refine_boxes", "refine_face_analyzer")
 
 
 class PipelineLock:
@@ -82,6 +82,21 @@ def unknown_keyword_error(unknown: Iterable[str], valid: Iterable[str], where: s
         parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return ConfigError(f"unknown keyword(s) for {where}: {', '.join(parts)}. Valid keywords: "
                        f"{', '.join(valid)}")
+
+
+def check_refine(refine_faces: Any, refine_boxes: Any, analyzer: Any) -> dict[str, Any] | None:
+    """The face-refine request of a call, or None when ``refine_faces`` is off."""
+    if not isinstance(refine_faces, bool):
+        raise ConfigError(f"refine_faces must be True or False, got {refine_faces!r}")
+    if not refine_faces:
+        if refine_boxes is not None or analyzer is not None:
+            raise ConfigError("refine_boxes and refine_face_analyzer take effect with "
+                              "refine_faces=True; add it")
+        return None
+    if analyzer is not None and not callable(getattr(analyzer, "detect", None)):
+        raise ConfigError("refine_face_analyzer must have a detect(image) method returning "
+                          f"faces (a bf_core.faces.FaceAnalyzer), got {type(analyzer).__name__}")
+    return {"boxes": refine_boxes, "detector": analyzer}
 
 
 def call_people(people: Sequence[Any] | None, id_images: Any, id_prompt: str | None,
@@ -147,7 +162,8 @@ class BeyondFacialPipeline:
     def __call__(self, *args: Any, config: BFConfig | None = None, id_images: Any = None,
                  id_prompt: str | None = None, people: Sequence[Any] | None = None,
                  return_fusion_maps: bool = False, preview_face_analyzer: Any = None,
-                 **kwargs: Any):
+                 refine_faces: bool = False, refine_boxes: Any = None,
+                 refine_face_analyzer: Any = None, **kwargs: Any):
         config = self.config if config is None else config
         if not isinstance(config, BFConfig):
             raise ConfigError(f"config must be a BFConfig, got {type(config).__name__}")
@@ -164,16 +180,18 @@ class BeyondFacialPipeline:
                               "faces (a bf_core.faces.FaceAnalyzer), got "
                               f"{type(preview_face_analyzer).__name__}")
         persons = call_people(people, id_images, id_prompt, self.backend)
+        refine = check_refine(refine_faces, refine_boxes, refine_face_analyzer)
         lock = pipeline_lock(self.pipe)
         lock.acquire(wait=self.concurrency == "wait", pipe=self.pipe)
         try:
             return self._run(args, kwargs, config, persons, return_fusion_maps,
-                             preview_face_analyzer)
+                             preview_face_analyzer, refine)
         finally:
             lock.release()
 
     def _run(self, args: tuple, kwargs: dict[str, Any], config: BFConfig, persons: list,
-             return_fusion_maps: bool, preview_face_analyzer: Any):
+             return_fusion_maps: bool, preview_face_analyzer: Any,
+             refine: dict[str, Any] | None = None):
         import torch
 
         from bf_core import loop
@@ -181,13 +199,35 @@ class BeyondFacialPipeline:
         try:
             with torch.no_grad():  # as the stock __call__
                 call = self.host.open_call(self.pipe, args, kwargs)
+                if refine is not None and call.arguments.output_type == "latent":
+                    raise ConfigError("refine_faces works on decoded images; output_type="
+                                      "'latent' gives none. Ask for 'pil', 'np' or 'pt'")
                 session = self.backend.open_session(call, config)
                 latents, record = loop.run(call, session, config, persons,
                                            keep_maps=return_fusion_maps,
                                            preview_face_analyzer=preview_face_analyzer)
-                return call.finish(latents, record, self.backend.name)
+                if refine is None:
+                    return call.finish(latents, record, self.backend.name)
+                return self._refined(call, latents, record, config, persons, kwargs, refine)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory_error(exc, config.batch_lines) from exc
+
+    def _refined(self, call: Any, latents: Any, record: Any, config: BFConfig, persons: list,
+                 kwargs: dict[str, Any], refine: dict[str, Any]):
+        """The face-refine pass after the main call (bf_core.refine)."""
+        from bf_core import refine as refining
+
+        images = call.decode(latents, "np")
+        refined, boxes, passes = refining.refine_images(
+            self, call, images, persons, config, dict(kwargs), refine["boxes"],
+            refine["detector"], record.regions)
+        record.diagnostics["refine"] = passes
+        output_type = call.arguments.output_type
+        return call.finish(latents, record, self.backend.name,
+                           images=refining.to_output(refined, output_type, self.pipe),
+                           refined={"unrefined_images": refining.to_output(images, output_type,
+                                                                           self.pipe),
+                                    "refine_boxes": boxes})
 
     def _check_keywords(self, kwargs: Mapping[str, Any]) -> None:
         valid = (set(self.host.call_keywords(self.pipe)) | set(METHOD_KEYWORDS)

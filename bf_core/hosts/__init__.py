@@ -43,6 +43,23 @@ class RowBatchLike(Protocol):
     def rows(self) -> int: ...
 
 
+@dataclass
+class MaskedImg2Img:
+    """A masked img2img start for a host call (the face-refine pass): the loop starts from
+    ``image_latents`` noised to the step ``strength`` gives, and after every step the host
+    puts back, outside ``mask``, the image latents noised to the next step (the blend of
+    diffusers' inpaint pipelines for a plain denoiser).
+
+    image_latents and mask are in the host's latent layout (mask 1 where the pass may
+    change the latents); noise is drawn by the host once, from the call's generator.
+    """
+
+    image_latents: torch.Tensor
+    mask: torch.Tensor
+    strength: float
+    noise: torch.Tensor | None = None
+
+
 class RowsOfLines:
     """What every host's row batch answers from its ``line``, ``sample`` (rows first),
     ``branches`` and ``parts`` (the one-line batches a merged batch holds, in row order)."""

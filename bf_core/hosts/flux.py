@@ -32,7 +32,7 @@ from bf_core.config import BFConfig
 from bf_core.errors import ConfigError
 from bf_core.finite import check_decoded
 from bf_core.hookspecs import hookimpl
-from bf_core.hosts import RowsOfLines, Step
+from bf_core.hosts import MaskedImg2Img, RowsOfLines, Step
 from bf_core.hosts.sdxl import LineIdentities, PromptIdentityEncoder
 from bf_core.protocols import IdentityEncoder
 from bf_core.records import (
@@ -383,6 +383,7 @@ class FluxCall:
         self._set_pipeline_properties()
         self.request = self._request(options)
         self.model = FluxModel(self)
+        self.img2img: MaskedImg2Img | None = None  # set before ``prepare`` by the refine pass
         self._text_ids: dict[int, torch.Tensor] = {}
         self._latents: torch.Tensor | None = None
         self._semantic_embeds: torch.Tensor | None = None
@@ -443,7 +444,67 @@ class FluxCall:
         if pipe._joint_attention_kwargs is None:
             pipe._joint_attention_kwargs = {}
         pipe.scheduler.set_begin_index(0)
+        if self.img2img is not None:
+            self._start_img2img(a.generator)
         return self.num_inference_steps
+
+    # -- masked img2img (the face-refine pass) ----------------------------------------------------
+    def _start_img2img(self, generator) -> None:
+        """Keep the last ``effective_steps(T, strength)`` timesteps and start from the image
+        latents noised to the first of them (``scale_noise``: sigma noise + (1 - sigma) x0)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from bf_core.config import effective_steps
+
+        start, scheduler = self.img2img, self.pipe.scheduler
+        skipped = self.num_inference_steps - effective_steps(self.num_inference_steps,
+                                                             start.strength)
+        begin = skipped * scheduler.order
+        self.timesteps = self.timesteps[begin:]
+        self.sigmas = self.sigmas[begin:]
+        self.num_inference_steps -= skipped
+        self.pipe._num_timesteps = len(self.timesteps)
+        scheduler.set_begin_index(begin)
+        image = start.image_latents.to(self._latents.device, self._latents.dtype)
+        start.noise = randn_tensor(image.shape, generator=generator, device=image.device,
+                                   dtype=image.dtype)
+        self._latents = scheduler.scale_noise(image, self.timesteps[:1].repeat(image.shape[0]),
+                                              start.noise)
+
+    def _blend_outside_mask(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        """Outside the mask, the image latents noised to the next step (the scheduler's step
+        index already points at it), clean after the last step."""
+        start = self.img2img
+        image = start.image_latents.to(latents.device, latents.dtype)
+        if step.index < len(self.timesteps) - 1:
+            next_t = self.timesteps[step.index + 1: step.index + 2].repeat(image.shape[0])
+            image = self.pipe.scheduler.scale_noise(image, next_t, start.noise)
+        mask = start.mask.to(latents.device, latents.dtype)
+        return (1 - mask) * image + mask * latents
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(R, 3, H, W) pixels in [-1, 1] -> packed (R, N, 64) latents, shifted and scaled as
+        FLUX's img2img encodes them (the VAE's mode)."""
+        vae = self.pipe.vae
+        dtype = next(iter(vae.parameters())).dtype
+        grid = vae.encode(images.to(self.request.device, dtype)).latent_dist.mode()
+        grid = (grid - vae.config.shift_factor) * vae.config.scaling_factor
+        return self.latent_layout(grid)
+
+    def latent_layout(self, grid: torch.Tensor) -> torch.Tensor:
+        """A (R, C, h, w) latent-grid tensor packed as the latents are; a one-channel mask
+        is repeated to the 16 latent channels first."""
+        channels = self.pipe.transformer.config.in_channels // 4
+        if grid.shape[1] == 1:
+            grid = grid.expand(-1, channels, -1, -1)
+        rows, _, height, width = grid.shape
+        return self.pipe._pack_latents(grid, rows, channels, height, width)
+
+    def decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Final packed latents -> images, checked for NaN (the stock decode tail)."""
+        grid = self.pipe._unpack_latents(latents, self.height, self.width,
+                                         self.pipe.vae_scale_factor)
+        return decode_flux_latents(self.pipe, grid, output_type, check=True)
 
     def text_ids(self, length: int) -> torch.Tensor:
         """The (L, 3) zero text ids of ``encode_prompt``, one tensor per text length."""
@@ -557,6 +618,8 @@ class FluxCall:
         latents = self.pipe.scheduler.step(noise, step.timestep, latents, return_dict=False)[0]
         if latents.dtype != dtype and torch.backends.mps.is_available():
             latents = latents.to(dtype)
+        if self.img2img is not None:
+            latents = self._blend_outside_mask(step, latents)
         return latents
 
     def end_of_step(self, step: Step, latents: torch.Tensor, progress: Any) -> torch.Tensor:
@@ -574,14 +637,17 @@ class FluxCall:
         return latents
 
     # -- the end ---------------------------------------------------------------------------------
-    def finish(self, latents: torch.Tensor, record: LoopRecord, backend: str):
+    def finish(self, latents: torch.Tensor, record: LoopRecord, backend: str,
+               images: Any = None, refined: dict[str, Any] | None = None):
+        """The output; ``images``: already decoded (the face-refine pass's result), given in
+        the call's output type; ``refined``: the output's refine fields."""
         a = self.arguments
-        if a.output_type == "latent":
+        if images is not None:
+            image = images
+        elif a.output_type == "latent":
             image = latents
         else:
-            grid = self.pipe._unpack_latents(latents, self.height, self.width,
-                                             self.pipe.vae_scale_factor)
-            image = decode_flux_latents(self.pipe, grid, a.output_type, check=True)
+            image = self.decode(latents, a.output_type)
         self.pipe.maybe_free_model_hooks()
         if not a.return_dict:
             return (image,)
@@ -591,7 +657,8 @@ class FluxCall:
             images=image, fusion_maps=maps,
             fusion_steps=record.fusion_steps if record.keep_maps else None,
             fusion_lines=lines, regions=record.regions,
-            diagnostics={"backend": backend, "host": HOST_NAME, **record.diagnostics})
+            diagnostics={"backend": backend, "host": HOST_NAME, **record.diagnostics},
+            **(refined or {}))
 
 
 def decode_flux_latents(pipe: Any, latents: torch.Tensor, output_type: str, check: bool = False):

@@ -30,7 +30,7 @@ from bf_core.config import BFConfig
 from bf_core.errors import ConfigError
 from bf_core.finite import check_decoded
 from bf_core.hookspecs import hookimpl
-from bf_core.hosts import RowsOfLines, Step
+from bf_core.hosts import MaskedImg2Img, RowsOfLines, Step
 from bf_core.protocols import IdentityEncoder
 from bf_core.records import (
     BOTH_BRANCHES,
@@ -524,6 +524,7 @@ class SDXLCall:
         self._set_pipeline_properties()
         self.request = self._request(options)
         self.model = SDXLModel(pipe)
+        self.img2img: MaskedImg2Img | None = None  # set before ``prepare`` by the refine pass
         # Set by ``prepare``; the semantic line's tensors a callback sees and may replace.
         self._latents: torch.Tensor | None = None
         self._semantic_now: LineTensors | None = None
@@ -578,6 +579,8 @@ class SDXLCall:
         pipe._num_timesteps = len(self.timesteps)
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
+        if self.img2img is not None:
+            self._start_img2img(a.generator)
         self.num_warmup_steps = max(len(self.timesteps)
                                     - self.num_inference_steps * pipe.scheduler.order, 0)
         return num_steps
@@ -591,6 +594,68 @@ class SDXLCall:
 
     def initial_latents(self) -> torch.Tensor:
         return self._latents
+
+    # -- masked img2img (the face-refine pass) ----------------------------------------------------
+    def _start_img2img(self, generator) -> None:
+        """Keep the last ``effective_steps(T, strength)`` timesteps and start from the image
+        latents noised to the first of them."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from bf_core.config import effective_steps
+
+        start = self.img2img
+        order = self.pipe.scheduler.order
+        skipped = self.num_inference_steps - effective_steps(self.num_inference_steps,
+                                                             start.strength)
+        self.timesteps = self.timesteps[skipped * order:]
+        self.num_inference_steps -= skipped
+        self.pipe._num_timesteps = len(self.timesteps)
+        if hasattr(self.pipe.scheduler, "set_begin_index"):  # the noise level of the start
+            self.pipe.scheduler.set_begin_index(skipped * order)
+        image = start.image_latents.to(self._latents.device, self._latents.dtype)
+        start.noise = randn_tensor(image.shape, generator=generator, device=image.device,
+                                   dtype=image.dtype)
+        self._latents = self.pipe.scheduler.add_noise(image, start.noise,
+                                                      self.timesteps[:1].repeat(image.shape[0]))
+
+    def _blend_outside_mask(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        """Outside the mask, the image latents noised to the next step (clean after the last)."""
+        start = self.img2img
+        image = start.image_latents.to(latents.device, latents.dtype)
+        if step.index < len(self.timesteps) - 1:
+            next_t = self.timesteps[step.index + 1: step.index + 2].repeat(image.shape[0])
+            image = self.pipe.scheduler.add_noise(image, start.noise, next_t)
+        mask = start.mask.to(latents.device, latents.dtype)
+        return (1 - mask) * image + mask * latents
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(R, 3, H, W) pixels in [-1, 1] -> (R, 4, h, w) scaled latents (the VAE's mode, as
+        diffusers' img2img encodes an image, upcast when the VAE asks)."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(dtype=torch.float32)
+        dtype = next(iter(vae.parameters())).dtype
+        try:
+            latents = vae.encode(images.to(self.request.device, dtype)).latent_dist.mode()
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        mean = getattr(vae.config, "latents_mean", None)
+        std = getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            return (latents - mean) * vae.config.scaling_factor / std
+        return latents * vae.config.scaling_factor
+
+    def latent_layout(self, grid: torch.Tensor) -> torch.Tensor:
+        """A (R, C, h, w) latent-grid tensor in the host's latent layout: SDXL's is the grid."""
+        return grid
+
+    def decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Final latents -> images, checked for NaN (the stock decode tail)."""
+        return decode_latents(self.pipe, latents, output_type, check=True)
 
     # -- the loop --------------------------------------------------------------------------------
     def progress(self):
@@ -675,6 +740,8 @@ class SDXLCall:
                                            return_dict=False)[0]
         if latents.dtype != dtype and torch.backends.mps.is_available():
             latents = latents.to(dtype)
+        if self.img2img is not None:
+            latents = self._blend_outside_mask(step, latents)
         return latents
 
     def end_of_step(self, step: Step, latents: torch.Tensor, progress: Any) -> torch.Tensor:
@@ -701,8 +768,12 @@ class SDXLCall:
         return outputs.pop("latents", latents)
 
     # -- the end ---------------------------------------------------------------------------------
-    def finish(self, latents: torch.Tensor, record: LoopRecord, backend: str):
-        image = decode_latents(self.pipe, latents, self.arguments.output_type, check=True)
+    def finish(self, latents: torch.Tensor, record: LoopRecord, backend: str,
+               images: Any = None, refined: dict[str, Any] | None = None):
+        """The output; ``images``: already decoded (numpy, the face-refine pass's result),
+        given in the call's output type; ``refined``: the output's refine fields."""
+        image = (decode_latents(self.pipe, latents, self.arguments.output_type, check=True)
+                 if images is None else images)
         self.pipe.maybe_free_model_hooks()
         if not self.arguments.return_dict:
             return (image,)
@@ -712,7 +783,7 @@ class SDXLCall:
             images=image, fusion_maps=maps,
             fusion_steps=record.fusion_steps if record.keep_maps else None,
             fusion_lines=lines, regions=record.regions,
-            diagnostics={"backend": backend, **record.diagnostics})
+            diagnostics={"backend": backend, **record.diagnostics}, **(refined or {}))
 
 
 class SDXLHost:
