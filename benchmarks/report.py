@@ -462,6 +462,26 @@ def multi_sections(runner, table, pairs: list[str], sheets: list[Path]) -> list[
     return text
 
 
+def write_refine(runner, flat, refine_settings: list[str], folder: Path) -> list[str]:
+    """The face-refine section: ``refine.csv`` and its table (benchmarks/refine.py)."""
+    from benchmarks.refine import TABLE_COLUMNS, refine_pairs, refine_table
+
+    pairs = refine_pairs(flat, runner.spec.params.height, refine_settings)
+    table = refine_table(pairs)
+    _write_csv(folder / "refine.csv", table, TABLE_COLUMNS)
+    headers = ["backend", "setting", "face px", "n", "mean delta", "median delta", "95% CI low",
+               "95% CI high", "win %", "detected %", "CLIP-T"]
+    note = ("" if any(e["setting"] == "full" for e in flat) else
+            "\nThe refine settings pair each image with the `full` setting's image of the same "
+            "call (the image before the pass); add `full` to `--settings`.\n")
+    return ["\n## Face refine: face similarity before and after the pass\n",
+            "Paired by backend, identity, prompt and seed with the `full` setting (the same "
+            "call's image before the pass); face size is the face's height before it. Delta = "
+            "after - before (Face sim points); a face lost in the pass counts against the win "
+            "and detection rates. Intervals: 95% bootstrap of the mean.\n", note,
+            _markdown_table(table, TABLE_COLUMNS, headers)]
+
+
 def write_report(runner, missing: list) -> Path:
     """Write everything under ``<out>/report``; returns that folder."""
     folder = runner.out / "report"
@@ -484,6 +504,10 @@ def write_report(runner, missing: list) -> Path:
         text += sections
         summary.update({"table1": table, "paper_table1": PAPER_TABLE1,
                         "paper_table2": PAPER_TABLE2})
+        refine_settings = [x.name for x in runner.spec.settings if x.refine_faces]
+        if refine_settings:
+            text += write_refine(runner, flat, refine_settings, folder)
+            files += ["- `refine.csv` (face refine: paired face similarity by face size)"]
     fusion = write_fusion_sheets(runner, every_raw, folder / "fusion")
     if runner.spec.multi is not None:
         multi = multi_table(runner, multi_flat, multi_raw)

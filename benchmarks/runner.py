@@ -46,6 +46,7 @@ from benchmarks.scenarios import (
     build_grid,
     fingerprint,
     reference_grid,
+    setting_record,
     shard,
 )
 from benchmarks.storage import (
@@ -366,6 +367,10 @@ class Runner:
             extra = {**setup.options, **self.targets[item.backend].call_kwargs(
                 identity, self.identity_images(item.identity))}
             bf = bf_core.wrap(pipe, backend=item.backend, config=setting.config)
+            if setting.refine_faces:
+                # offline, the benchmark's random face pack stands in for the face analysis
+                extra.update(refine_faces=True, refine_face_analyzer=(
+                    self.spec.models.face_analyzer() if self.spec.tiny else None))
             result = bf(**call, **extra, return_fusion_maps=setting.config.enabled)
             fusion = None
             if result.fusion_maps is not None and len(result.fusion_steps):
@@ -572,7 +577,7 @@ class Runner:
     def _write_run_info(self) -> None:
         spec = self.spec
         info = {"backends": list(self.targets), "skipped_backends": self.skipped,
-                "settings": {s.name: dataclasses.asdict(s.config) for s in spec.settings},
+                "settings": {s.name: setting_record(s) for s in spec.settings},
                 "identities": {i.name: [str(p) for p in i.images] for i in spec.identities},
                 "prompt_sets": {p.name: list(p.prompts) for p in spec.prompt_sets},
                 "seeds": list(spec.seeds), "params": dataclasses.asdict(spec.params),

@@ -32,9 +32,13 @@ REFERENCE_SEED_OFFSET = 100_000
 
 # -- settings ---------------------------------------------------------------------------------
 def _config(**fields: Any) -> BFConfig:
+    from bf_core.config import RefineConfig
+
     idaf = fields.pop("idaf", {})
     idap = fields.pop("idap", {})
-    return BFConfig(idaf=IdAFConfig(**idaf), idap=IdAPConfig(**idap), **fields)
+    refine = fields.pop("refine", {})
+    return BFConfig(idaf=IdAFConfig(**idaf), idap=IdAPConfig(**idap),
+                    refine=RefineConfig(**refine), **fields)
 
 
 #: name -> BFConfig fields; "baseline" is the backend's own single-line method
@@ -47,6 +51,12 @@ SETTING_FIELDS: dict[str, dict[str, Any]] = {
     "saliency_cfg_delta": {"idaf": {"saliency": "cfg_delta"}},
     "thresholds_early": {"idaf_start": 0.1, "idap_start": 0.2},
     "thresholds_late": {"idaf_start": 0.3, "idap_start": 0.4},
+    # the face-refine pass after the full method (paired with "full": its images are the
+    # same calls' images before the pass), its identity-off ablation and a strength sweep
+    "refine": {"refine_faces": True},
+    "refine_identity_off": {"refine_faces": True, "refine": {"identity": "off"}},
+    "refine_strength_030": {"refine_faces": True, "refine": {"strength": 0.3}},
+    "refine_strength_060": {"refine_faces": True, "refine": {"strength": 0.6}},
 }
 DEFAULT_SETTINGS = tuple(SETTING_FIELDS)
 TINY_SETTINGS = ("baseline", "full")
@@ -58,6 +68,7 @@ class Setting:
 
     name: str
     config: BFConfig
+    refine_faces: bool = False  # the call also runs the face-refine pass (docs/refine.md)
 
     def __post_init__(self):
         if not self.name or any(c in self.name for c in "/\\ .") or self.name == REFERENCE_SETTING:
@@ -73,10 +84,22 @@ class Setting:
                                   f"{', '.join(SETTING_FIELDS)} (or define it in a settings file)")
             fields = SETTING_FIELDS[name]
         try:
-            return cls(name, _config(**json.loads(json.dumps(fields))))
+            fields = json.loads(json.dumps(fields))
+            refine_faces = bool(fields.pop("refine_faces", False))
+            return cls(name, _config(**fields), refine_faces)
         except TypeError as exc:
-            raise ConfigError(f"setting {name!r}: {exc}; fields are BFConfig's, with 'idaf' and "
-                              "'idap' as nested objects") from exc
+            raise ConfigError(f"setting {name!r}: {exc}; fields are BFConfig's, with 'idaf', "
+                              "'idap' and 'refine' as nested objects (and 'refine_faces': "
+                              "true for the face-refine pass)") from exc
+
+
+def setting_record(setting: Setting) -> dict[str, Any]:
+    """What a setting runs, for fingerprints and run.json: its BFConfig, and the refine
+    pass when it has one."""
+    record = dataclasses.asdict(setting.config)
+    if setting.refine_faces:
+        record["refine_faces"] = True
+    return record
 
 
 def load_settings(names: Sequence[str], settings_file: str | Path | None = None) -> list[Setting]:
@@ -283,7 +306,7 @@ def build_grid(backends: Sequence[str], settings: Sequence[Setting],
                             items.append(WorkItem(
                                 backend, setting.name, identity.name, prompt_set.name, index,
                                 prompt, int(seed), checkpoint,
-                                fingerprint(dataclasses.asdict(setting.config),
+                                fingerprint(setting_record(setting),
                                             dataclasses.asdict(params), base_model, checkpoint,
                                             inputs, prompt, seed)))
     # Items that share a pipeline (backend, checkpoint) run back to back: one load each.
