@@ -165,6 +165,14 @@ def crop_pixels(image: np.ndarray, crop: Box, size: int) -> torch.Tensor:
     return torch.from_numpy(resized).permute(2, 0, 1)[None] * 2 - 1
 
 
+def picture_of(pixels: torch.Tensor):
+    """(1, 3, H, W) pixels in [-1, 1] as a PIL image (what face analysers read)."""
+    from PIL import Image
+
+    array = ((pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+    return Image.fromarray(array.astype(np.uint8))
+
+
 def latent_mask(face_mask_box: Box, crop: Box, size: int, grid: tuple[int, int]) -> torch.Tensor:
     """(1, 1, h, w) 0/1: the sampler's mask box in crop coordinates, on the latent grid (a
     cell is in when any of its pixels is: the pass may change a little more, never less)."""
@@ -305,12 +313,15 @@ def run_pass(wrapper: Any, loop: Any, face_pass: FacePass, image: np.ndarray, co
                        output_type="np")
     if negative is not None:
         call_kwargs["negative_prompt"] = negative
+    pixels = crop_pixels(image, face_pass.crop, size)
+    per_crop = getattr(backend, "refine_options", None)  # e.g. InstantID's keypoints
+    if per_crop is not None and settings.identity == "on":
+        call_kwargs.update(per_crop(picture_of(pixels), own))
     call = wrapper.host.open_call(wrapper.pipe, (), call_kwargs)
     mask_box = scaled_box(face_pass.face, settings.mask_scale, width, height)
     sampler_box = grown_box(mask_box, settings.mask_dilate_px, width, height)
     factor = wrapper.pipe.vae_scale_factor
     grid = (size // factor, size // factor)
-    pixels = crop_pixels(image, face_pass.crop, size)
     call.img2img = MaskedImg2Img(call.encode_images(pixels),
                                  call.latent_layout(latent_mask(sampler_box, face_pass.crop,
                                                                 size, grid)), strength)
@@ -322,6 +333,7 @@ def run_pass(wrapper: Any, loop: Any, face_pass: FacePass, image: np.ndarray, co
     patch = resize_rgb(result, x1 - x0, y1 - y0)
     alpha = soft_mask(mask_box, settings.mask_blur_px, width, height)
     entry = {"image": face_pass.image_index, "face": face_pass.face, "crop": face_pass.crop,
+             "prompt": prompt,
              "steps": steps, "effective_steps": call.num_inference_steps,
              "model_calls": record.diagnostics["model_calls"], "seed": face_pass.seed}
     return paste(image, patch, face_pass.crop, alpha), entry

@@ -162,6 +162,10 @@ class DreamBoothBackend:
     #: one merged call
     max_people = 4
 
+    def refine_prompt(self, prompt: str, id_prompt: str) -> str:
+        """The face-refine pass's prompt: the identity is a trigger, so ``P_id`` leads."""
+        return f"{id_prompt}, {prompt}"
+
     def recognizes(self, pipe: Any) -> bool:
         if flux.is_flux_pipeline(pipe):
             return not flux.has_identity_machinery(pipe)

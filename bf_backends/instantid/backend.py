@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from bf_backends.instantid.control import (
@@ -389,6 +390,18 @@ class InstantIDBackend:
         if key not in self._analyzers:
             self._analyzers[key] = build_face_analyzer(options)
         return self._analyzers[key]
+
+    def refine_options(self, crop: Any, options: dict[str, Any]) -> dict[str, Any]:
+        """The face-refine pass's IdentityNet input: the keypoints found again in the
+        upscaled crop (``crop``, a PIL image); none found: ``kps="none"``, the ID adapter
+        alone, and a log line saying so."""
+        faces = self.face_analyzer(options).detect(crop)
+        if not faces:
+            logger.warning("face refine: no face found in the upscaled crop; IdentityNet is off "
+                           "for this face (the ID adapter alone)")
+            return {"kps": "none"}
+        largest = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+        return {"kps": np.asarray(largest.kps, dtype=np.float32)}
 
 
 # -- the benchmark's view (BackendExtras) ------------------------------------------------------

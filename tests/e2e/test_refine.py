@@ -81,6 +81,7 @@ def test_the_effective_step_count_is_ceil_of_strength_times_steps(lora_pipe, one
         prompt="a person", num_inference_steps=10, height=SIZE, width=SIZE, output_type="np",
         generator=torch.Generator().manual_seed(0), refine_faces=True, refine_boxes=[FACE])
     (entry,) = result.diagnostics["refine"]
+    assert entry["prompt"] == "a photo of sks person, a person"  # DreamBooth: P_id leads
     steps = math.ceil(4 / 0.3)  # 14 steps at strength 0.3
     assert entry["steps"] == steps and entry["effective_steps"] == math.ceil(0.3 * steps) == 5
     assert entry["model_calls"] == entry["effective_steps"] == effective_steps(steps, 0.3)
@@ -176,3 +177,31 @@ def test_generate_refine_faces_writes_the_image_before_the_pass(tmp_path, capsys
     assert settings["config"]["refine"]["work_size"] == 64
     with pytest.raises(SystemExit, match="--refine-box takes effect with --refine-faces"):
         cli.main(args[:-7] + ["--refine-box", "0.4,0.2,0.55,0.35", "--overwrite"])
+
+
+def test_instantid_feeds_identitynet_the_keypoints_found_again_in_the_crop(caplog, one_thread):
+    """InstantID's pass: IdentityNet gets the keypoints its face analyser finds in the
+    upscaled crop; with no face there, IdentityNet is off (the adapter alone), logged."""
+    from PIL import Image
+
+    setup = setup_of("instantid", "sdxl")
+    backend = get_registry().get_backend("instantid")
+    seen = []
+    real = backend.refine_options
+
+    def recording(crop, options):
+        found = real(crop, options)
+        seen.append((crop.size, found["kps"]))
+        return found
+
+    backend.refine_options = recording
+    try:
+        call(setup, "instantid", refine_config(), refine_faces=True, refine_boxes=[FACE])
+    finally:
+        del backend.refine_options
+    (size, kps), = seen
+    assert size == (64, 64) and np.asarray(kps).shape == (5, 2)  # the crop at the work size
+    blind = {"face_analyzer": ScriptedFaceDetector([])}
+    with caplog.at_level("WARNING"):
+        assert backend.refine_options(Image.new("RGB", (64, 64)), blind) == {"kps": "none"}
+    assert "no face found in the upscaled crop" in caplog.text
