@@ -73,6 +73,8 @@ class AppForm:
     idap_people: str = _PAPER.idap_people
     auto_region_scale: float = _PAPER.auto_region_scale
     auto_region_fallback: str = _PAPER.auto_region_fallback
+    refine_faces: bool = False
+    refine_strength: float = _PAPER.refine.strength
     base_model: str = ""
     checkpoint: str = ""
     device: str = ""
@@ -94,7 +96,7 @@ _VALUE_FLAGS = {
     "idap_tokens": "--idap-tokens", "idap_seed": "--idap-seed",
     "idap_negative": "--idap-negative", "semantic_adapters": "--semantic-adapters",
     "idap_people": "--idap-people", "auto_region_scale": "--auto-region-scale",
-    "auto_region_fallback": "--auto-region-fallback",
+    "auto_region_fallback": "--auto-region-fallback", "refine_strength": "--refine-strength",
 }
 #: Form switches whose value False is the flag (``method_on=False`` is ``--disable``).
 _OFF_FLAGS = {"method_on": "--disable", "use_idaf": "--no-idaf", "use_idap": "--no-idap",
@@ -177,6 +179,8 @@ def config_argv(form: AppForm) -> list[str]:
     argv = [flag for name, flag in _OFF_FLAGS.items() if not getattr(form, name)]
     if form.share_negative:
         argv.append("--share-negative")
+    if form.refine_faces:  # the face-refine pass (docs/refine.md)
+        argv.append("--refine-faces")
     for name, label in (("idaf_start", "M1"), ("idap_start", "M2")):
         text = threshold_text(label, getattr(form, name), form.threshold_unit)
         if text != repr(float(getattr(default, name))):

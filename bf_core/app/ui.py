@@ -168,6 +168,10 @@ def _switch_inputs(form: AppForm) -> dict[str, Any]:
                                           elem_id="share-negative"),
             "batch_lines": gr.Checkbox(form.batch_lines, label="Batch lines (one UNet call)",
                                        elem_id="batch-lines"),
+            "refine_faces": gr.Checkbox(form.refine_faces, label="Refine faces (second pass, "
+                                        "identity on)", elem_id="refine-faces"),
+            "refine_strength": gr.Number(form.refine_strength, label="Refine strength",
+                                         elem_id="refine-strength"),
         }
 
 

@@ -24,7 +24,7 @@ from bf_core.app.form import (
     parse_seeds,
 )
 from bf_core.app.run import PipelineCache, StepCounter, new_run_folder, threshold_notes
-from bf_core.config import BFConfig, IdAFConfig, IdAPConfig
+from bf_core.config import BFConfig, IdAFConfig, IdAPConfig, RefineConfig
 from bf_core.errors import ConfigError
 
 EVERY_KNOB = dict(
@@ -33,7 +33,7 @@ EVERY_KNOB = dict(
     smooth_kernel=8, saliency="cfg_delta", idap_tokens=16, idap_seed=3, idap_temperature="2.5",
     idap_negative="zeros", idap_query_file="query.safetensors", semantic_adapters="on",
     share_negative=True, batch_lines=False, idap_people="none", auto_region_scale=3.0,
-    auto_region_fallback="error")
+    auto_region_fallback="error", refine_strength=0.6)
 
 
 def test_the_default_form_is_the_papers_config():
@@ -49,7 +49,14 @@ def test_every_knob_of_the_form_reaches_the_config():
         idap=IdAPConfig(num_tokens=16, seed=3, temperature=2.5, negative="zeros",
                         query_file="query.safetensors"),
         semantic_adapters="on", share_negative=True, batch_lines=False, idap_people="none",
-        auto_region_scale=3.0, auto_region_fallback="error")
+        auto_region_scale=3.0, auto_region_fallback="error", refine=RefineConfig(strength=0.6))
+
+
+def test_the_refine_checkbox_adds_the_pass_to_the_command():
+    from bf_core.app.form import config_argv
+
+    assert "--refine-faces" in config_argv(AppForm(prompt="x", refine_faces=True))
+    assert "--refine-faces" not in config_argv(AppForm(prompt="x"))
 
 
 def test_m1_and_m2_are_step_indices_or_fractions():
@@ -136,13 +143,16 @@ def test_bad_values_are_named():
 
 def test_the_settings_record_is_generates():
     config = BFConfig(idaf_start=3)
-    bf = SimpleNamespace(backend=SimpleNamespace(name="photomaker"))
+    bf = SimpleNamespace(backend=SimpleNamespace(name="photomaker"),
+                         host=SimpleNamespace(name="sdxl"))
     call = {"prompt": "p", "id_prompt": "a person img", "id_images": [Path("/p/me.jpg")],
             "num_inference_steps": 4}
     record = cli.settings_record(bf, config, call, [0, 1], [Path("/out/image_seed0_0.png")])
     assert record["backend"] == "photomaker" and record["seeds"] == [0, 1]
     assert BFConfig(**{**record["config"], "idaf": IdAFConfig(**record["config"]["idaf"]),
-                       "idap": IdAPConfig(**record["config"]["idap"])}) == config
+                       "idap": IdAPConfig(**record["config"]["idap"]),
+                       "refine": RefineConfig(**record["config"]["refine"])}) == config
+    assert record["host"] == "sdxl"
     assert record["call"] == {k: v for k, v in call.items() if k != "id_images"}
     assert record["id_images"] == ["/p/me.jpg"] and record["files"] == ["image_seed0_0.png"]
     assert json.loads(json.dumps(record, default=str))["versions"]["beyondfacial"]
