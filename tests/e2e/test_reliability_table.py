@@ -283,6 +283,12 @@ CASES = {
     "`person_adapters` with another number of entries than people": (
         lambda bf, tmp: call(bf, person_adapters=["identity", "identity"]),
         "has 2 entries but the call has 1 person"),
+    "`refine_boxes` without `refine_faces=True`": (
+        lambda bf, tmp: call(bf, refine_boxes=[(0.4, 0.2, 0.6, 0.4)]),
+        "take effect with refine_faces=True"),
+    '`refine_faces=True` with `output_type="latent"`': (
+        lambda bf, tmp: call(bf, refine_faces=True, output_type="latent"),
+        "output_type='latent' gives none"),
     "NaN in the ID line's prediction": (lambda bf, tmp: nan_in_id_line(bf),
                                         "the ID line's prediction holds NaN"),
     "NaN out of the VAE": (lambda bf, tmp: nan_from_vae(bf), "VAE decoded NaN"),
