@@ -205,3 +205,34 @@ def test_instantid_feeds_identitynet_the_keypoints_found_again_in_the_crop(caplo
     with caplog.at_level("WARNING"):
         assert backend.refine_options(Image.new("RGB", (64, 64)), blind) == {"kps": "none"}
     assert "no face found in the upscaled crop" in caplog.text
+
+
+def test_the_passes_unet_calls_run_the_identity_lora(lora_pipe, one_thread):
+    """DreamBooth, checked with hooks: every UNet call of the pass runs the identity LoRA's
+    up-projections; the identity-off ablation's pass runs none of them."""
+    from bf_core.switching import active_up_projections, peft_tuner_layers
+
+    ups = [up for _, up in active_up_projections([layer for _, layer in
+                                                  peft_tuner_layers(lora_pipe.unet)])]
+    unet_calls, lora_calls = [], []
+    handles = [lora_pipe.unet.register_forward_pre_hook(lambda m, a: unet_calls.append(1))]
+    handles += [up.register_forward_hook(lambda m, a, o: lora_calls.append(len(unet_calls)))
+                for up in ups]
+
+    def pass_counts(identity):
+        unet_calls.clear(), lora_calls.clear()
+        result = bf_core.wrap(lora_pipe, config=refine_config(identity=identity))(
+            prompt="a person", num_inference_steps=6, height=SIZE, width=SIZE,
+            output_type="np", generator=torch.Generator().manual_seed(0), refine_faces=True,
+            refine_boxes=[FACE])
+        first = len(unet_calls) - result.diagnostics["refine"][0]["model_calls"]
+        pass_calls = range(first + 1, len(unet_calls) + 1)
+        return {call: lora_calls.count(call) for call in pass_calls}
+
+    try:
+        on, off = pass_counts("on"), pass_counts("off")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert on and all(count == len(ups) for count in on.values())  # every LoRA layer, every call
+    assert off and all(count == 0 for count in off.values())
