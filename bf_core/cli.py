@@ -34,6 +34,18 @@ def _temperature(text: str) -> float | str:
     return text if text == "sqrt_d" else float(text)
 
 
+def add_refine_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """``generate``'s face-refine request (the pass's knobs are in the settings group)."""
+    parser.add_argument("--refine-faces", action="store_true",
+                        help="a second pass over each small face with the identity machinery "
+                             "on (docs/refine.md); the image before it is written as "
+                             "*_unrefined")
+    parser.add_argument("--refine-box", action="append", type=_refine_box,
+                        metavar="X0,Y0,X1,Y1",
+                        help="a face to refine, in fractions of the image (repeatable; "
+                             "default: the faces found by the face analysis)")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Every knob of BFConfig, IdAFConfig and IdAPConfig as an option (defaults: the paper's)."""
     group = parser.add_argument_group("BeyondFacial settings (defaults: the paper's)")
@@ -420,10 +432,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     import bf_core
-    from bf_core.visualize import contact_sheet
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,8 +440,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       args.overwrite)
     host = tiny_host(args)
     print(f"beyondfacial demo ({args.backend}): a TINY {HOST_LABELS[host]} pipeline with RANDOM "
-          "weights, built offline. The pictures are noise-like by design; they show the machinery (two lines, "
-          "fusion maps), not quality.")
+          "weights, built offline. The pictures are noise-like by design; they show the "
+          "machinery (two lines, fusion maps), not quality.")
     # A random-weight face detector "finds" dozens of faces in any photo; saying so on every
     # call would only bury the demo's output. main() restores the filters when it returns.
     from bf_core.faces import MultipleFacesWarning
@@ -447,19 +456,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     call_kwargs = dict(setup.options, **setup.identity, prompt=extras.prompt,
                        num_inference_steps=args.steps, height=args.size, width=args.size)
     written = _run_and_save(bf, config, out, call_kwargs, [args.seed], "demo")
-    baseline = bf.with_config(enabled=False)(**call_kwargs, output_type="pil",
-                                             generator=torch.Generator().manual_seed(args.seed))
+    written.append(_demo_comparison(bf, call_kwargs, args.seed, out))
+    print("wrote:\n  " + "\n  ".join(str(p) for p in written))
+    print(REAL_WEIGHTS_HINT)
+    return 0
+
+
+def _demo_comparison(bf, call_kwargs: dict[str, Any], seed: int, out: Path) -> Path:
+    """The demo's baseline (the method off, same seed) beside its image, as one sheet."""
+    import torch
     from PIL import Image
 
-    method_image = Image.open(out / f"demo_seed{args.seed}_0.png")
+    from bf_core.visualize import contact_sheet
+
+    baseline = bf.with_config(enabled=False)(**call_kwargs, output_type="pil",
+                                             generator=torch.Generator().manual_seed(seed))
+    method_image = Image.open(out / f"demo_seed{seed}_0.png")
     sheet = contact_sheet([baseline.images[0], method_image], ["baseline", "BeyondFacial"],
                           columns=2, cell=256)
     comparison = out / "demo_comparison.png"
     _save_image(sheet, comparison)
-    written.append(comparison)
-    print("wrote:\n  " + "\n  ".join(str(p) for p in written))
-    print(REAL_WEIGHTS_HINT)
-    return 0
+    return comparison
 
 
 BENCH_UNAVAILABLE = (
@@ -501,12 +518,6 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--id-prompt", default=None, help="P_id; default: the backend's")
     gen.add_argument("--id-image", action="append", help="reference image (repeatable)")
-    gen.add_argument("--refine-faces", action="store_true",
-                     help="a second pass over each small face with the identity machinery on "
-                          "(docs/refine.md); the image before it is written as *_unrefined")
-    gen.add_argument("--refine-box", action="append", type=_refine_box, metavar="X0,Y0,X1,Y1",
-                     help="a face to refine, in fractions of the image (repeatable; default: "
-                          "the faces found by the face analysis)")
     gen.add_argument("--person", action="append", type=parse_person, metavar="SPEC",
                      help="one of several people (repeatable), as 'prompt=a photo of sks "
                           "woman;box=0,0,0.5,1;image=ana.jpg' (each part optional, image "
@@ -524,6 +535,7 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--out", default="outputs")
     gen.add_argument("--name", default="image", help="file-name stem")
     gen.add_argument("--overwrite", action="store_true")
+    add_refine_request_arguments(gen)
     add_config_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -543,13 +555,14 @@ def add_demo_parser(sub) -> None:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    """The web app (bf_core.app); without gradio, one line naming the extra to install."""
-    from bf_core import app
-
-    if app.gradio_missing():
-        raise SystemExit(f"error: {app.INSTALL_HINT}")
-    app.launch(host=args.host, port=args.port, out=args.out)
-    return 0
+    """The web app, found by its entry point (``bf_core.app:serve_command``, as ``bench``
+    is: the app builds on this module, never the other way round); without gradio, one
+    line naming the extra to install."""
+    serve = command("app")
+    if serve is None:
+        raise SystemExit("error: the web app's entry point is missing; reinstall beyondfacial "
+                         "(pip install -e '.[app]' in the checkout)")
+    return serve(host=args.host, port=args.port, out=args.out)
 
 
 def add_app_parser(sub) -> None:

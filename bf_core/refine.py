@@ -294,6 +294,26 @@ def refine_images(wrapper: Any, main_call: Any, images: np.ndarray, people: Sequ
     return refined, used, info
 
 
+def pass_call_kwargs(backend: Any, face_pass: FacePass, kwargs: dict[str, Any], arguments: Any,
+                     steps: int, size: int, images_per_prompt: int) -> dict[str, Any]:
+    """The pass's call keywords: the main call's own (backend options, guidance), the
+    image's prompt (the backend's ``refine_prompt`` may rewrite it) and negative prompt, the
+    crop's size, the pass's steps and seed."""
+    index = face_pass.image_index
+    prompt = per_image(arguments.prompt, index, images_per_prompt)
+    id_prompt = face_pass.person.id_prompt or backend.default_id_prompt
+    rewrite = getattr(backend, "refine_prompt", None)
+    prompt = rewrite(prompt, id_prompt) if rewrite is not None else prompt
+    own = {name: value for name, value in kwargs.items() if name not in PASS_OWN_KEYWORDS}
+    call_kwargs = dict(own, prompt=prompt, height=size, width=size, num_inference_steps=steps,
+                       generator=torch.Generator().manual_seed(face_pass.seed),
+                       output_type="np")
+    negative = per_image(arguments.negative_prompt, index, images_per_prompt)
+    if negative is not None:
+        call_kwargs["negative_prompt"] = negative
+    return call_kwargs
+
+
 def run_pass(wrapper: Any, loop: Any, face_pass: FacePass, image: np.ndarray, config: BFConfig,
              kwargs: dict[str, Any], arguments: Any, steps: int, strength: float, size: int,
              images_per_prompt: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -301,18 +321,11 @@ def run_pass(wrapper: Any, loop: Any, face_pass: FacePass, image: np.ndarray, co
     from bf_core.hosts import MaskedImg2Img
 
     settings, height, width = config.refine, image.shape[0], image.shape[1]
-    prompt = per_image(arguments.prompt, face_pass.image_index, images_per_prompt)
     backend = wrapper.backend
-    id_prompt = face_pass.person.id_prompt or backend.default_id_prompt
-    rewrite = getattr(backend, "refine_prompt", None)
-    prompt = rewrite(prompt, id_prompt) if rewrite is not None else prompt
+    call_kwargs = pass_call_kwargs(backend, face_pass, kwargs, arguments, steps, size,
+                                   images_per_prompt)
     own = {name: value for name, value in kwargs.items() if name not in PASS_OWN_KEYWORDS}
-    negative = per_image(arguments.negative_prompt, face_pass.image_index, images_per_prompt)
-    call_kwargs = dict(own, prompt=prompt, height=size, width=size, num_inference_steps=steps,
-                       generator=torch.Generator().manual_seed(face_pass.seed),
-                       output_type="np")
-    if negative is not None:
-        call_kwargs["negative_prompt"] = negative
+    prompt = call_kwargs["prompt"]
     pixels = crop_pixels(image, face_pass.crop, size)
     per_crop = getattr(backend, "refine_options", None)  # e.g. InstantID's keypoints
     if per_crop is not None and settings.identity == "on":

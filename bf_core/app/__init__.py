@@ -27,3 +27,12 @@ def launch(host: str = "127.0.0.1", port: int | None = None, out: str = "beyondf
     from bf_core.app.ui import launch as serve
 
     return serve(host=host, port=port, out=out, block=block)
+
+
+def serve_command(host: str = "127.0.0.1", port: int | None = None,
+                  out: str = "beyondfacial-app") -> int:
+    """``beyondfacial app``: serve, or exit with one line naming the extra to install."""
+    if gradio_missing():
+        raise SystemExit(f"error: {INSTALL_HINT}")
+    launch(host=host, port=port, out=out)
+    return 0

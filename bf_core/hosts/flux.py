@@ -22,30 +22,26 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from bf_core.config import BFConfig
 from bf_core.errors import ConfigError
 from bf_core.finite import check_decoded
 from bf_core.hookspecs import hookimpl
 from bf_core.hosts import MaskedImg2Img, RowsOfLines, Step
-from bf_core.hosts.sdxl import LineIdentities, PromptIdentityEncoder
-from bf_core.protocols import IdentityEncoder
+from bf_core.hosts.session import HostSession
 from bf_core.records import (
     BOTH_BRANCHES,
     POSITIVE_ONLY,
     BeyondFacialPipelineOutput,
     Branch,
     GenerationRequest,
-    Identity,
     Line,
     LineConditioning,
     LoopRecord,
-    SemanticPreview,
 )
 
 HOST_NAME = "flux"
@@ -705,39 +701,10 @@ def id_negative_prompt(request: GenerationRequest):
     return options.get("id_negative_prompt", request.negative_prompt)
 
 
-class FluxSession:
+class FluxSession(HostSession):
     """A ``BackendSession`` with the FLUX defaults: a prompt identity, text conditioning as
     the stock pipeline encodes it, nothing to switch, the stock transformer call. A backend
     subclasses it and overrides where its method differs."""
-
-    def __init__(self, backend: Any, call: FluxCall, config: BFConfig):
-        self.backend, self.call, self.config = backend, call, config
-        self.pipe, self.request = call.pipe, call.request
-        self.encoder: IdentityEncoder = PromptIdentityEncoder(self)
-        self._texts: dict[tuple, LineConditioning] = {}
-        self.line_identities = LineIdentities()
-
-    # -- BackendSession --------------------------------------------------------------------------
-    def open(self, restore: ExitStack) -> None:
-        """Nothing to change on the pipeline."""
-
-    def conditioning(self, line: Line, identity: Identity) -> LineConditioning:
-        if line is Line.ID:
-            return self.id_text(identity.id_prompt)
-        return self.scene_text()
-
-    def negative_shareable(self) -> bool:
-        return False
-
-    def supports_row_batching(self, batch: FluxRowBatch) -> bool:
-        """False: a backend opts in when it can switch its machinery per row."""
-        return False
-
-    def observe_preview(self, preview: SemanticPreview) -> None:
-        """Nothing to place."""
-
-    def predict(self, batch: FluxRowBatch, model: FluxModel) -> torch.Tensor:
-        return model(batch)
 
     # -- text helpers ------------------------------------------------------------------------------
     @property
