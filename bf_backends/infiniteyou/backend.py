@@ -39,6 +39,7 @@ from bf_backends.infiniteyou.encoder import InfiniteYouEncoder
 from bf_backends.infiniteyou.loader import build_face_analyzer, find_infiniteyou_parts
 from bf_backends.instantid.control import check_kps_option, placed_keypoint_image, region_face_box
 from bf_backends.instantid.keypoints import draw_kps
+from bf_backends.instantid.loader import FaceAnalyzerCache
 from bf_core.config import BFConfig
 from bf_core.errors import ConfigError, UnsupportedPipelineError
 from bf_core.hosts.flux import HOST_NAME, ID_LINE_OPTIONS, FluxSession, is_flux_pipeline
@@ -362,7 +363,7 @@ class InfiniteYouBackend:
     max_people = 4
 
     def __init__(self) -> None:
-        self._analyzers: dict[Any, Any] = {}
+        self._analyzers = FaceAnalyzerCache(build_face_analyzer)
 
     def recognizes(self, pipe: Any) -> bool:
         return is_flux_pipeline(pipe) and find_infiniteyou_parts(pipe) is not None
@@ -379,19 +380,4 @@ class InfiniteYouBackend:
                 and not any(key in options for key in ("face_model", "face_model_root",
                                                        "face_providers")):
             return parts.face_analyzer
-        key = (str(options.get("face_model", "antelopev2")), str(options.get("face_model_root")),
-               tuple(options.get("face_providers") or ()))
-        if key not in self._analyzers:
-            self._analyzers[key] = build_face_analyzer(options)
-        return self._analyzers[key]
-
-
-# -- the benchmark's view (BackendExtras) ------------------------------------------------------
-def benchmark_call_kwargs(identity: Any, images: list) -> dict[str, Any]:
-    """The photos, and ``id_prompt`` when the identity sets one (its InfiniteYou option,
-    else its shared one)."""
-    kwargs: dict[str, Any] = {"id_images": images}
-    id_prompt = identity.option(InfiniteYouBackend.name, "id_prompt", identity.id_prompt)
-    if id_prompt:
-        kwargs["id_prompt"] = id_prompt
-    return kwargs
+        return self._analyzers.get(options)

@@ -45,7 +45,7 @@ from bf_backends.instantid.control import (
 )
 from bf_backends.instantid.encoder import InstantIDEncoder, ReferenceFace
 from bf_backends.instantid.keypoints import draw_kps
-from bf_backends.instantid.loader import ID_TOKEN_COUNT, build_face_analyzer, find_instantid_parts
+from bf_backends.instantid.loader import ID_TOKEN_COUNT, FaceAnalyzerCache, find_instantid_parts
 from bf_backends.instantid.state import preserved_attention_state
 from bf_core.config import BFConfig
 from bf_core.errors import ConfigError, UnsupportedPipelineError
@@ -368,7 +368,7 @@ class InstantIDBackend:
     max_people = 4
 
     def __init__(self) -> None:
-        self._analyzers: dict[Any, Any] = {}
+        self._analyzers = FaceAnalyzerCache()
 
     def recognizes(self, pipe: Any) -> bool:
         if not is_sdxl_pipeline(pipe):
@@ -385,11 +385,7 @@ class InstantIDBackend:
         """The reference-photo analyser for these options, built once per backend."""
         if options.get("face_analyzer") is not None:
             return options["face_analyzer"]
-        key = (str(options.get("face_model", "antelopev2")), str(options.get("face_model_root")),
-               tuple(options.get("face_providers") or ()))
-        if key not in self._analyzers:
-            self._analyzers[key] = build_face_analyzer(options)
-        return self._analyzers[key]
+        return self._analyzers.get(options)
 
     def refine_options(self, crop: Any, options: dict[str, Any]) -> dict[str, Any]:
         """The face-refine pass's IdentityNet input: the keypoints found again in the

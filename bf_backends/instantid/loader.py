@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -554,3 +554,20 @@ def build_face_analyzer(options: dict[str, Any]):
     return FaceAnalyzer(options.get("face_model", DEFAULT_FACE_MODEL),
                         root=options.get("face_model_root"),
                         providers=options.get("face_providers"), det_size=(640, 640))
+
+
+class FaceAnalyzerCache:
+    """The antelopev2 analysers a backend built, one per (``face_model``,
+    ``face_model_root``, ``face_providers``) of the options: loading a pack takes seconds,
+    so each is built once per backend (InfiniteYou shares the same reference analysis)."""
+
+    def __init__(self, build: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        self._build = build or build_face_analyzer
+        self._built: dict[tuple, Any] = {}
+
+    def get(self, options: dict[str, Any]):
+        key = (str(options.get("face_model", "antelopev2")), str(options.get("face_model_root")),
+               tuple(options.get("face_providers") or ()))
+        if key not in self._built:
+            self._built[key] = self._build(options)
+        return self._built[key]

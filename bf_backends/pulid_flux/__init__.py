@@ -19,4 +19,4 @@ def bf_backend_extras(backend):
 
     return folder_extras("bf_backends.pulid_flux",
                          prompt="a person is kneeling by a small lake",
-                         id_prompt="a person", without=("scene_prompt",))
+                         id_prompt="a person", without=("scene_prompt", "call_kwargs"))

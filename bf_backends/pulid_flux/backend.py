@@ -186,17 +186,6 @@ class PuLIDFluxBackend:
         return PuLIDFluxSession(self, call, config)
 
 
-# -- the benchmark's view (BackendExtras) ------------------------------------------------------
-def benchmark_call_kwargs(identity: Any, images: list) -> dict[str, Any]:
-    """The photos, and ``P_id`` when the identity sets one (its PuLID-FLUX option, else its
-    shared ``id_prompt``)."""
-    kwargs: dict[str, Any] = {"id_images": images}
-    id_prompt = identity.option(PuLIDFluxBackend.name, "id_prompt", identity.id_prompt)
-    if id_prompt:
-        kwargs["id_prompt"] = id_prompt
-    return kwargs
-
-
 __all__ = ["OPTIONS", "PULID_FLUX_ATTRIBUTE", "PuLIDFluxAdapter", "PuLIDFluxBackend",
-           "PuLIDFluxSession", "attach_pulid_flux", "benchmark_call_kwargs",
+           "PuLIDFluxSession", "attach_pulid_flux",
            "detach_pulid_flux", "load_pulid_flux"]

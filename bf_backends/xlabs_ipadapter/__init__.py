@@ -18,4 +18,4 @@ def bf_backend_extras(backend):
 
     return folder_extras("bf_backends.xlabs_ipadapter",
                          prompt="a person is kneeling by a small lake, touching the water",
-                         id_prompt="a person")
+                         id_prompt="a person", without=("scene_prompt", "call_kwargs"))

@@ -145,12 +145,3 @@ class XLabsIPAdapterBackend:
 
     def open_session(self, call: FluxCall, config: BFConfig) -> XLabsIPAdapterSession:
         return XLabsIPAdapterSession(self, call, config)
-
-
-def benchmark_call_kwargs(identity: Any, images: list) -> dict[str, Any]:
-    """The identity's photos as ``id_images``, and its ``id_prompt`` when it sets one."""
-    kwargs: dict[str, Any] = {"id_images": images}
-    id_prompt = identity.option(XLabsIPAdapterBackend.name, "id_prompt", identity.id_prompt)
-    if id_prompt:
-        kwargs["id_prompt"] = id_prompt
-    return kwargs

@@ -537,7 +537,7 @@ def test_the_demo_s_tiny_setup_comes_through_the_backend_s_extras(one_thread):
     extras = get_registry().extras("infiniteyou")
     setup = extras.tiny_setup(seed=0, host="flux")
     bf = bf_core.wrap(setup.pipe)
-    assert bf.backend.name == "infiniteyou" and extras.speed_setup is None
+    assert bf.backend.name == "infiniteyou" and extras.speed_setup is not None
     images = bf(**call_kwargs(), **setup.identity, **setup.options).images
     assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
     with pytest.raises(ConfigError, match="FLUX.1 only"):
