@@ -67,6 +67,10 @@ def test_the_pass_changes_only_the_face_and_keeps_the_identity_on(name, host, on
     assert not np.array_equal(result.images[0][inside], result.unrefined_images[0][inside])
     again = call(setup, name, config, refine_faces=True, refine_boxes=[FACE])
     np.testing.assert_array_equal(again.images, result.images)  # the same seed, the same face
+    (entry,) = result.diagnostics["refine"]  # the main call's 6 steps: a few-step schedule
+    steps, strength = config.refine.steps(6)
+    assert entry["effective_steps"] == effective_steps(steps, strength) == math.ceil(
+        strength * steps) and entry["model_calls"] == entry["effective_steps"]
     # The identity machinery is on in the pass: the ablation without it draws another face.
     off = call(setup, name, refine_config(identity="off"), refine_faces=True,
                refine_boxes=[FACE])
