@@ -121,6 +121,29 @@ def _flat_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
     return dict(state_dict), where
 
 
+def two_groups(state_dict: Mapping[str, torch.Tensor], where: str, prefixes: tuple[str, str],
+               method: str, official: str, second: str, describe) -> dict[str, dict]:
+    """The state dict split at the first dot into exactly the two groups ``prefixes`` (the
+    ID encoder's and ``second``'s), else a ``CheckpointError`` naming the file and what it
+    looks like (``describe(state_dict)``), the keys outside them, or the group missing."""
+    groups = split_at_first_dot(state_dict)
+    first, other = prefixes
+    if first not in groups and other not in groups:
+        raise CheckpointError(f"{where} is not a {method} checkpoint (no '{first}.' or "
+                              f"'{other}.' keys): {describe(state_dict)}.")
+    unknown = sorted(set(groups) - set(prefixes))
+    if unknown:
+        raise CheckpointError(f"{where} has keys outside '{first}.' and '{other}.' (prefixes "
+                              f"{unknown}); {official} has only those two groups. Remove the "
+                              "extra keys.")
+    for prefix in prefixes:
+        if prefix not in groups:
+            raise CheckpointError(f"{where} has no '{prefix}.' keys; {official} holds both the "
+                                  f"ID encoder and {second}. The file may be incomplete: "
+                                  "download it again.")
+    return groups
+
+
 def split_at_first_dot(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     """``{"a.b.c": t}`` -> ``{"a": {"b.c": t}}`` (the official loader's grouping)."""
     groups: dict[str, dict] = {}
@@ -149,21 +172,9 @@ def read_pulid_weights(source: str | os.PathLike | Mapping[str, torch.Tensor],
         raise CheckpointError(f"PuLID version must be one of {VERSIONS} or None (detect), got "
                               f"{version!r}.")
     state_dict, where = _flat_state_dict(source)
-    groups = split_at_first_dot(state_dict)
-    if ENCODER_PREFIX not in groups and ATTENTION_PREFIX not in groups:
-        raise CheckpointError(f"{where} is not a PuLID checkpoint (no 'id_adapter.' or "
-                              f"'id_adapter_attn_layers.' keys): "
-                              f"{describe_foreign_checkpoint(state_dict)}.")
-    unknown = sorted(set(groups) - {ENCODER_PREFIX, ATTENTION_PREFIX})
-    if unknown:
-        raise CheckpointError(f"{where} has keys outside 'id_adapter.' and "
-                              f"'id_adapter_attn_layers.' (prefixes {unknown}); an official "
-                              "PuLID file has only those two groups. Remove the extra keys.")
-    for prefix in (ENCODER_PREFIX, ATTENTION_PREFIX):
-        if prefix not in groups:
-            raise CheckpointError(f"{where} has no '{prefix}.' keys; an official PuLID file "
-                                  "holds both the ID encoder and the attention layers. The file "
-                                  "may be incomplete: download it again.")
+    groups = two_groups(state_dict, where, (ENCODER_PREFIX, ATTENTION_PREFIX), "PuLID",
+                        "an official PuLID file", "the attention layers",
+                        describe_foreign_checkpoint)
     detected = detect_pulid_version(groups[ENCODER_PREFIX])
     if detected is None:
         raise CheckpointError(f"{where}: cannot tell the PuLID version; the 'id_adapter.' keys "

@@ -34,6 +34,7 @@ from bf_backends.pulid.loader import (
     FeatureExtractor,
     describe_foreign_checkpoint,
     split_at_first_dot,
+    two_groups,
 )
 from bf_backends.pulid.modules import IDFormer
 from bf_backends.pulid_flux.hooks import PuLIDFluxSettings
@@ -97,20 +98,8 @@ def read_pulid_flux_weights(source: str | os.PathLike | Mapping[str, torch.Tenso
         shown = state_dict if isinstance(state_dict, Mapping) else {}
         raise CheckpointError(f"{where} is not a PuLID-FLUX checkpoint: "
                               f"{describe_foreign_flux_checkpoint(shown)}.")
-    groups = split_at_first_dot(state_dict)
-    if ENCODER_PREFIX not in groups and CA_PREFIX not in groups:
-        raise CheckpointError(f"{where} is not a PuLID-FLUX checkpoint (no 'pulid_encoder.' or "
-                              f"'pulid_ca.' keys): {describe_foreign_flux_checkpoint(state_dict)}.")
-    unknown = sorted(set(groups) - {ENCODER_PREFIX, CA_PREFIX})
-    if unknown:
-        raise CheckpointError(f"{where} has keys outside 'pulid_encoder.' and 'pulid_ca.' "
-                              f"(prefixes {unknown}); {CHECKPOINT_FILE} has only those two "
-                              "groups. Remove the extra keys.")
-    for prefix in (ENCODER_PREFIX, CA_PREFIX):
-        if prefix not in groups:
-            raise CheckpointError(f"{where} has no '{prefix}.' keys; {CHECKPOINT_FILE} holds "
-                                  "both the ID encoder and the cross-attention modules. The "
-                                  "file may be incomplete: download it again.")
+    two_groups(state_dict, where, (ENCODER_PREFIX, CA_PREFIX), "PuLID-FLUX", CHECKPOINT_FILE,
+               "the cross-attention modules", describe_foreign_flux_checkpoint)
     return dict(state_dict), where
 
 
