@@ -210,3 +210,10 @@ def _tensor_to_numpy(tensor: Any) -> np.ndarray:
 
 
 __all__ = ["load_image", "load_images"]
+
+
+def as_image_list(given: Any) -> list | None:
+    """A person's ``id_images`` as a list: None stays None, one image becomes a list of one."""
+    if given is None or isinstance(given, list):
+        return given
+    return list(given) if isinstance(given, tuple) else [given]

@@ -23,6 +23,7 @@ import torch
 from bf_backends.infiniteyou.loader import FACE_EMBEDDING_DIM
 from bf_backends.instantid.encoder import ReferenceFace
 from bf_core.errors import ConfigError, FaceNotFoundError
+from bf_core.images import as_image_list
 from bf_core.records import Identity, Person
 
 
@@ -120,9 +121,8 @@ class InfiniteYouEncoder:
 
     def encode(self, person: Person) -> Identity:
         session = self.session
-        given = person.id_images
-        images = given if given is None or isinstance(given, (list, tuple)) else [given]
-        reference = analyse_references(images, session.options, session.reference_analyzer)
+        reference = analyse_references(as_image_list(person.id_images), session.options,
+                                       session.reference_analyzer)
         infusenet = session.parts.infusenet
         tokens = id_tokens(session.parts.resampler, reference.embeds, infusenet.dtype,
                            session.request.device or infusenet.device)

@@ -19,6 +19,7 @@ import torch
 
 from bf_backends.instantid.loader import FACE_EMBEDDING_DIM
 from bf_core.errors import FaceNotFoundError
+from bf_core.images import as_image_list
 from bf_core.records import Identity, Person
 
 
@@ -107,9 +108,8 @@ class InstantIDEncoder:
 
     def encode(self, person: Person) -> Identity:
         session = self.session
-        given = person.id_images
-        images = given if given is None or isinstance(given, (list, tuple)) else [given]
-        reference = analyse_references(images, session.options, session.reference_analyzer)
+        reference = analyse_references(as_image_list(person.id_images), session.options,
+                                       session.reference_analyzer)
         unet = session.pipe.unet
         request = session.request
         tokens, negative = project_faces(

@@ -346,26 +346,38 @@ def load_pipeline_setup(base_model: str, checkpoint: str | None, *, torch_dtype:
     set-up)."""
     from pathlib import Path
 
-    from bf_backends.pulid.eva import load_eva_features
-    from bf_backends.pulid.features import PuLIDFaceFeatures, load_bisenet_parser
     from bf_core.extras import PipelineSetup
-    from bf_core.faces import FaceAnalyzer
 
     path = Path(checkpoint) if checkpoint else None
     if path is None or not path.is_file():
         raise ConfigError(f"PuLID's benchmark checkpoint must be the PuLID file, got "
                           f"{checkpoint!r}; pass --checkpoint pulid=<folder>/pulid_v1.bin")
     folder = path.parent
-    needed = [folder / FACE_PACK, folder / PARSER_FILE, folder / EVA_FILE]
-    missing = [p.name for p in needed if not p.exists()]
-    if missing:
-        raise ConfigError(f"PuLID's face models {missing} are not beside {path.name} in "
-                          f"{folder}; put the antelopev2/ pack, parsing_bisenet.pth and "
-                          "EVA02_CLIP_L_336_psz14_s6B.pt there (docs/backends/pulid.md)")
-    features = PuLIDFaceFeatures(FaceAnalyzer(str(needed[0])),
-                                 load_bisenet_parser(needed[1], device=device),
-                                 load_eva_features(str(needed[2]), device=device))
+    features = face_features_beside(path, "PuLID", "docs/backends/pulid.md", device)
     lightning = folder / LIGHTNING_UNET_FILE
     return PipelineSetup(load_pulid_pipeline(
         base_model, path, features, torch_dtype=torch_dtype, device=device,
         unet_weights=lightning if lightning.is_file() else None))
+
+
+def face_features_beside(path: os.PathLike, method: str, page: str, device: str | None = None):
+    """PuLID's face pipeline from the files beside the checkpoint ``path``: the antelopev2
+    pack, the BiSeNet parser and EVA02-CLIP-L (the benchmark's layout); a ``ConfigError``
+    naming the missing ones."""
+    from pathlib import Path
+
+    from bf_backends.pulid.eva import load_eva_features
+    from bf_backends.pulid.features import PuLIDFaceFeatures, load_bisenet_parser
+    from bf_core.faces import FaceAnalyzer
+
+    path = Path(path)
+    folder = path.parent
+    needed = [folder / FACE_PACK, folder / PARSER_FILE, folder / EVA_FILE]
+    missing = [p.name for p in needed if not p.exists()]
+    if missing:
+        raise ConfigError(f"{method}'s face models {missing} are not beside {path.name} in "
+                          f"{folder}; put the antelopev2/ pack, parsing_bisenet.pth and "
+                          f"EVA02_CLIP_L_336_psz14_s6B.pt there ({page})")
+    return PuLIDFaceFeatures(FaceAnalyzer(str(needed[0])),
+                             load_bisenet_parser(needed[1], device=device),
+                             load_eva_features(str(needed[2]), device=device))

@@ -28,11 +28,9 @@ import torch
 from torch import nn
 
 from bf_backends.pulid.loader import (
-    EVA_FILE,
-    FACE_PACK,
-    PARSER_FILE,
     FeatureExtractor,
     describe_foreign_checkpoint,
+    face_features_beside,
     split_at_first_dot,
     two_groups,
 )
@@ -242,10 +240,7 @@ def load_pipeline_setup(base_model: str, checkpoint: str | None, *, torch_dtype:
     ``EVA02_CLIP_L_336_psz14_s6B.pt``."""
     from pathlib import Path
 
-    from bf_backends.pulid.eva import load_eva_features
-    from bf_backends.pulid.features import PuLIDFaceFeatures, load_bisenet_parser
     from bf_core.extras import PipelineSetup
-    from bf_core.faces import FaceAnalyzer
     from bf_core.hosts.flux import load_flux_pipeline
 
     path = Path(checkpoint) if checkpoint else None
@@ -253,16 +248,7 @@ def load_pipeline_setup(base_model: str, checkpoint: str | None, *, torch_dtype:
         raise ConfigError(f"PuLID-FLUX's benchmark checkpoint must be the PuLID-FLUX file, got "
                           f"{checkpoint!r}; pass --checkpoint pulid_flux=<folder>/"
                           f"{CHECKPOINT_FILE}")
-    folder = path.parent
-    needed = [folder / FACE_PACK, folder / PARSER_FILE, folder / EVA_FILE]
-    missing = [p.name for p in needed if not p.exists()]
-    if missing:
-        raise ConfigError(f"PuLID-FLUX's face models {missing} are not beside {path.name} in "
-                          f"{folder}; put the antelopev2/ pack, parsing_bisenet.pth and "
-                          "EVA02_CLIP_L_336_psz14_s6B.pt there (docs/backends/pulid_flux.md)")
-    features = PuLIDFaceFeatures(FaceAnalyzer(str(needed[0])),
-                                 load_bisenet_parser(needed[1], device=device),
-                                 load_eva_features(str(needed[2]), device=device))
+    features = face_features_beside(path, "PuLID-FLUX", "docs/backends/pulid_flux.md", device)
     pipe = load_flux_pipeline(base_model, torch_dtype=torch_dtype, device=device)
     attach_pulid_flux(pipe, path, features)
     return PipelineSetup(pipe)
