@@ -26,6 +26,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 #: then makes the method's picture and the baseline.
 START_TIMEOUT_S = 180
 RUN_TIMEOUT_MS = 300_000
+#: An upload of a small photo; past this the page is asked once more (see AppPage.upload).
+UPLOAD_TIMEOUT_MS = 60_000
 STEPS = 4
 SIZE = 64
 
@@ -81,7 +83,13 @@ def cli_app(tmp_path):
     (its runs go to the default ``beyondfacial-app/`` there); yields its URL."""
     port = free_port()
     log = (tmp_path / "app.log").open("w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    import torch
+
+    # The test reruns the page's command in this process and compares pixels: the app gets
+    # this process's torch thread count (one under pytest-xdist), since CPU kernels split
+    # their sums by thread and a different split changes the last bits.
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False",
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     process = subprocess.Popen([sys.executable, "-m", "bf_core.cli", "app", "--host",
                                 "127.0.0.1", "--port", str(port)], cwd=tmp_path, stdout=log,
                                stderr=subprocess.STDOUT, env=env)
@@ -138,6 +146,15 @@ class AppPage:
 
     def __init__(self, page, url: str):
         self.page = page
+        #: What the browser said that a failing test should show: console errors, failed
+        #: requests and server errors.
+        self.reports: list[str] = []
+        page.on("console", lambda message: message.type == "error"
+                and self.reports.append(f"console: {message.text}"))
+        page.on("requestfailed", lambda request: self.reports.append(
+            f"failed: {request.method} {request.url} ({request.failure})"))
+        page.on("response", lambda response: response.status >= 400 and self.reports.append(
+            f"HTTP {response.status}: {response.request.method} {response.url}"))
         page.set_default_timeout(RUN_TIMEOUT_MS)
         page.goto(url)
         page.locator("#generate").wait_for()
@@ -145,12 +162,31 @@ class AppPage:
     def fill(self, photo: Path | None, prompt: str) -> None:
         """Upload ``photo`` and type the prompt, steps and size."""
         if photo is not None:
-            self.page.locator("#photos input[type=file]").set_input_files(str(photo))
-            self.page.locator("#photos").get_by_text(photo.name).wait_for()
+            self.upload(photo)
         self.page.locator("#prompt textarea").fill(prompt)
         self.page.locator("#steps input").fill(str(STEPS))
         self.page.locator("#height input").fill(str(SIZE))
         self.page.locator("#width input").fill(str(SIZE))
+
+    def upload(self, photo: Path) -> None:
+        """Give the photo to the page's file box and wait until the box lists it.
+
+        Once, on a loaded CI machine, the box never listed a photo handed to it; the page
+        is then given the photo a second time, and if that fails too the test fails with
+        what the box shows and what the browser reported, not with a bare timeout."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        photos = self.page.locator("#photos")
+        for _ in range(2):
+            photos.locator("input[type=file]").set_input_files(str(photo))
+            try:
+                photos.get_by_text(photo.name).wait_for(timeout=UPLOAD_TIMEOUT_MS)
+                return
+            except PlaywrightTimeout:
+                continue
+        pytest.fail(f"the page did not list the uploaded {photo.name} within "
+                    f"2 x {UPLOAD_TIMEOUT_MS // 1000} s; the file box shows "
+                    f"{photos.inner_text()!r}; the browser reported {self.reports}")
 
     def open_advanced(self) -> None:
         self.page.locator("#advanced").get_by_text("Advanced").click()
