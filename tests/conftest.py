@@ -25,3 +25,12 @@ def load_manifest_part(name: str, part: str) -> dict[str, tuple[int, ...]]:
 @pytest.fixture
 def manifest_part():
     return load_manifest_part
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (`-n`) every worker is a process of its own: one torch thread
+    # each, so that the workers share the cores instead of fighting over them.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
