@@ -188,10 +188,7 @@ def latent_mask(face_mask_box: Box, crop: Box, size: int, grid: tuple[int, int])
 
 def work_size(call: Any, config: RefineConfig) -> int:
     """The side the crop is denoised at: the config's, else the host's native size."""
-    if config.work_size is not None:
-        return config.work_size
-    pipe = call.pipe
-    return int(pipe.default_sample_size * pipe.vae_scale_factor)
+    return call.native_size if config.work_size is None else config.work_size
 
 
 # -- the passes ------------------------------------------------------------------------------------

@@ -108,6 +108,8 @@ class HostCall(Protocol):
 
     pipe: Any
     request: GenerationRequest
+    #: the side in pixels the pipeline draws when the caller gives no height or width
+    native_size: int
 
     # -- set-up ----------------------------------------------------------------------------
     def prepare(self, semantic: LineConditioning) -> int:

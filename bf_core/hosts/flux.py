@@ -371,9 +371,9 @@ class FluxCall:
 
     def __init__(self, pipe: Any, arguments: FluxCallArguments, options: dict[str, Any]):
         self.pipe, self.arguments = pipe, arguments
-        vae_factor = pipe.vae_scale_factor
-        self.height = arguments.height or pipe.default_sample_size * vae_factor
-        self.width = arguments.width or pipe.default_sample_size * vae_factor
+        self.native_size = int(pipe.default_sample_size * pipe.vae_scale_factor)
+        self.height = arguments.height or self.native_size
+        self.width = arguments.width or self.native_size
         _check_call(pipe, arguments, self.height, self.width)
         self.tensor_inputs = list(arguments.callback_on_step_end_tensor_inputs or ["latents"])
         self._set_pipeline_properties()

@@ -431,10 +431,17 @@ def x0_from_prediction(sample: torch.Tensor, model_output: torch.Tensor, alpha_b
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def _size_or_default(pipe: Any, size: Any) -> Any:
-    """The caller's height or width; None gives the pipeline's default (only then asked for:
-    not every SDXL pipeline class has ``default_sample_size``)."""
-    return pipe.default_sample_size * pipe.vae_scale_factor if size is None else size
+def native_size(pipe: Any) -> int:
+    """The side in pixels an SDXL pipeline draws when the caller gives no size.
+
+    ``StableDiffusionXLPipeline`` reads its ``default_sample_size`` from the UNet's
+    ``sample_size`` (128 when the config has none). The SDXL ControlNet pipeline classes
+    have no ``default_sample_size`` (they size the picture by the control image, which a
+    backend draws at the call's size), so the UNet's value is read here directly."""
+    sample_size = getattr(pipe, "default_sample_size", None)
+    if sample_size is None:
+        sample_size = getattr(pipe.unet.config, "sample_size", None) or 128
+    return int(sample_size * pipe.vae_scale_factor)
 
 
 def _check_prompts(arguments: SDXLCallArguments) -> None:
@@ -513,8 +520,9 @@ class SDXLCall:
     def __init__(self, pipe: Any, arguments: SDXLCallArguments, options: dict[str, Any]):
         self.pipe, self.arguments = pipe, arguments
         self.tensor_inputs = _callback_tensor_inputs(arguments)
-        self.height = _size_or_default(pipe, arguments.height)
-        self.width = _size_or_default(pipe, arguments.width)
+        self.native_size = native_size(pipe)
+        self.height = arguments.height or self.native_size
+        self.width = arguments.width or self.native_size
         _check_call(pipe, arguments, self.height, self.width, self.tensor_inputs)
         self._set_pipeline_properties()
         self.request = self._request(options)

@@ -78,6 +78,30 @@ def test_the_pass_changes_only_the_face_and_keeps_the_identity_on(name, host, on
     assert not np.array_equal(off.images[0][inside], result.images[0][inside])
 
 
+@pytest.mark.parametrize("name, host", BACKENDS, ids=[f"{n}-{h}" for n, h in BACKENDS])
+def test_without_a_size_the_call_and_its_pass_draw_at_the_hosts_native_size(name, host,
+                                                                              one_thread):
+    """No height, width or work size: the call draws at the pipeline's native side, as the
+    stock pipeline does, and the pass works at it. SDXL's ControlNet pipeline class
+    (InstantID) has no ``default_sample_size``; its side comes from the UNet's config."""
+    setup = setup_of(name, host)
+    pipe = setup.pipe
+    model = pipe.transformer if host == "flux" else pipe.unet
+    side = (pipe.default_sample_size if host == "flux" else model.config.sample_size
+            ) * pipe.vae_scale_factor
+    scene = get_registry().extras(name).scene_prompt or (lambda prompt: prompt)
+    extra = {"max_sequence_length": 32} if host == "flux" else {}
+    result = bf_core.wrap(pipe, backend=name, config=bf_core.BFConfig(
+        refine=RefineConfig(effective_steps=2)))(
+        prompt=scene("a person at a street market, full body"), num_inference_steps=4,
+        output_type="np", generator=torch.Generator().manual_seed(0), refine_faces=True,
+        refine_boxes=[FACE], **setup.identity, **setup.options, **extra)
+    assert result.images.shape[1:3] == (side, side)
+    assert result.unrefined_images.shape == result.images.shape
+    (face,), = result.refine_boxes
+    assert not np.array_equal(result.images, result.unrefined_images)  # the pass ran
+
+
 def test_the_effective_step_count_is_ceil_of_strength_times_steps(lora_pipe, one_thread):
     config = bf_core.BFConfig(refine=RefineConfig(work_size=64, effective_steps=4,
                                                   strength=0.3))
