@@ -24,6 +24,8 @@ BASE_SETTING = "full"
 PAIR_KEYS = ("backend", "identity", "prompt_set", "prompt_index", "seed")
 TABLE_COLUMNS = ["backend", "setting", "bucket", "n", "mean_delta", "median_delta", "ci_low",
                  "ci_high", "win_rate", "detection_rate", "clip_t"]
+#: a main call of at most this many steps is a few-step model's (RefineConfig.steps)
+FEW_STEP_MAIN_CALL = 8
 
 
 def bucket_of(face_px: float) -> str:
@@ -87,3 +89,26 @@ def refine_table(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "detection_rate": 100.0 * len(found) / len(members),
             "clip_t": float(np.mean(clip)) if clip else None})
     return rows
+
+
+def pass_schedules(settings: Sequence[Any], main_steps: int) -> dict[str, tuple[int, int, str]]:
+    """Per refine setting, the pass it runs after a main call of ``main_steps`` steps:
+    (pass steps, effective steps, identity "on"/"off"), by ``RefineConfig.steps``."""
+    from bf_core.config import effective_steps
+
+    schedules = {}
+    for setting in settings:
+        refine = setting.config.refine
+        steps, strength = refine.steps(main_steps)
+        schedules[setting.name] = (steps, effective_steps(steps, strength), refine.identity)
+    return schedules
+
+
+def same_pass_groups(schedules: dict[str, tuple[int, int, str]]) -> list[list[str]]:
+    """The settings that run one and the same pass, in groups of two or more: a strength
+    sweep after a few-step main call collapses, since the pass keeps the call's steps and
+    raises the strength to at least ``min_effective_steps``."""
+    groups: dict[tuple[int, int, str], list[str]] = defaultdict(list)
+    for name, schedule in schedules.items():
+        groups[schedule].append(name)
+    return [names for names in groups.values() if len(names) > 1]

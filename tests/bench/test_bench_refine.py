@@ -8,7 +8,14 @@ import csv
 import numpy as np
 
 from benchmarks.cli import main
-from benchmarks.refine import bootstrap_ci, bucket_of, refine_pairs, refine_table
+from benchmarks.refine import (
+    bootstrap_ci,
+    bucket_of,
+    pass_schedules,
+    refine_pairs,
+    refine_table,
+    same_pass_groups,
+)
 from benchmarks.scenarios import Setting
 
 
@@ -51,17 +58,35 @@ def test_refine_settings_run_the_pass_with_their_own_refine_config():
     assert off.refine_faces and off.config.refine.identity == "off"
 
 
+def test_a_strength_sweep_after_a_few_step_call_is_one_pass_and_the_report_says_so():
+    names = ["refine", "refine_strength_030", "refine_strength_060", "refine_identity_off"]
+    settings = [Setting.named(name) for name in names]
+    few = pass_schedules(settings, 3)  # 3 steps: the pass keeps them, >= 2 effective
+    assert few["refine"] == few["refine_strength_060"] == (3, 2, "on")
+    assert few["refine_identity_off"] == (3, 2, "off")
+    assert same_pass_groups(few) == [names[:3]]
+    many = pass_schedules(settings, 30)  # ceil(20 / strength) steps, ~20 effective each
+    assert [many[name][0] for name in names[:3]] == [45, 67, 34]
+    assert same_pass_groups(many) == []
+
+
 def test_a_tiny_run_with_refine_writes_the_bucket_table(tmp_path):
+    """Also on InstantID, whose SDXL ControlNet pipeline class has no default size."""
     out = tmp_path / "run"
-    assert main(["--tiny", "--out", str(out), "--no-progress", "--backends", "dreambooth",
-                 "--settings", "full,refine", "--prompts-per-set", "1"]) == 0
+    assert main(["--tiny", "--out", str(out), "--no-progress", "--backends",
+                 "dreambooth,instantid", "--settings", "full,refine,refine_strength_060",
+                 "--prompts-per-set", "1"]) == 0
     with open(out / "report" / "refine.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["setting"] for r in rows} == {"refine"} and "all" in {r["bucket"] for r in rows}
-    every = next(r for r in rows if r["bucket"] == "all")
-    assert int(every["n"]) == 2 * 2  # 2 identities x 2 prompt sets x 1 prompt x 1 seed
-    assert "Face refine: face similarity before and after" in (
-        out / "report" / "report.md").read_text()
+    assert {(r["backend"], r["setting"]) for r in rows} == {
+        (backend, setting) for backend in ("dreambooth", "instantid")
+        for setting in ("refine", "refine_strength_060")}
+    for backend in ("dreambooth", "instantid"):
+        every = next(r for r in rows if r["bucket"] == "all" and r["backend"] == backend)
+        assert int(every["n"]) == 2 * 2  # 2 identities x 2 prompt sets x 1 prompt x 1 seed
+    report = (out / "report" / "report.md").read_text()
+    assert "Face refine: face similarity before and after" in report
+    assert "`refine`, `refine_strength_060` run the same pass" in report  # 3 tiny steps
 
 
 def test_without_the_full_setting_the_report_says_what_to_add(tmp_path):
