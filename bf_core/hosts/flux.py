@@ -372,8 +372,9 @@ class FluxCall:
     def __init__(self, pipe: Any, arguments: FluxCallArguments, options: dict[str, Any]):
         self.pipe, self.arguments = pipe, arguments
         self.native_size = int(pipe.default_sample_size * pipe.vae_scale_factor)
-        self.height = arguments.height or self.native_size
-        self.width = arguments.width or self.native_size
+        # None, not 0, means "the default": a 0 goes on to the size check and its error.
+        self.height = self.native_size if arguments.height is None else arguments.height
+        self.width = self.native_size if arguments.width is None else arguments.width
         _check_call(pipe, arguments, self.height, self.width)
         self.tensor_inputs = list(arguments.callback_on_step_end_tensor_inputs or ["latents"])
         self._set_pipeline_properties()

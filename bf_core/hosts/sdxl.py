@@ -521,8 +521,9 @@ class SDXLCall:
         self.pipe, self.arguments = pipe, arguments
         self.tensor_inputs = _callback_tensor_inputs(arguments)
         self.native_size = native_size(pipe)
-        self.height = arguments.height or self.native_size
-        self.width = arguments.width or self.native_size
+        # None, not 0, means "the default": a 0 goes on to the size check and its error.
+        self.height = self.native_size if arguments.height is None else arguments.height
+        self.width = self.native_size if arguments.width is None else arguments.width
         _check_call(pipe, arguments, self.height, self.width, self.tensor_inputs)
         self._set_pipeline_properties()
         self.request = self._request(options)

@@ -170,6 +170,9 @@ def test_bad_settings_are_named_and_the_pipeline_is_left_as_it_was(pipe):
         wrapped(pipe, true_cfg_scale=float("nan"))
     with pytest.raises(ConfigError, match="did you mean 'guidance_scale'"):
         wrapped(pipe, guidance_scal=3.0)
+    for keyword in ("height", "width"):  # 0 is a wrong size, not the default one
+        with pytest.raises(ConfigError, match=keyword):
+            wrapped(pipe, **{keyword: 0})
     assert pipeline_fingerprint(pipe) == before
 
 

@@ -218,3 +218,13 @@ def test_wrong_values_at_the_call_boundary_raise_our_own_errors(wrapper, data, k
     kwargs[keyword] = value
     with pytest.raises(BeyondFacialError):
         wrapper(**kwargs)
+
+
+@pytest.mark.parametrize("keyword", ["height", "width"])
+def test_a_zero_size_is_refused_not_taken_for_the_default(wrapper, keyword):
+    """0 is a (wrong) size, not a missing one: the call names it instead of drawing at the
+    pipeline's default size."""
+    kwargs = dict(prompt="a person", num_inference_steps=2, height=64, width=64,
+                  output_type="np", id_prompt="a photo of sks person") | {keyword: 0}
+    with pytest.raises(ConfigError, match=keyword):
+        wrapper(**kwargs)
