@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from bf_core.config import effective_steps
+
 #: face-size buckets (face height in pixels), the spec's
 BUCKETS = ((0, 48, "<48"), (48, 80, "48-80"), (80, 128, "80-128"), (128, 192, "128-192"),
            (192, math.inf, ">=192"))
@@ -24,8 +26,6 @@ BASE_SETTING = "full"
 PAIR_KEYS = ("backend", "identity", "prompt_set", "prompt_index", "seed")
 TABLE_COLUMNS = ["backend", "setting", "bucket", "n", "mean_delta", "median_delta", "ci_low",
                  "ci_high", "win_rate", "detection_rate", "clip_t"]
-#: a main call of at most this many steps is a few-step model's (RefineConfig.steps)
-FEW_STEP_MAIN_CALL = 8
 
 
 def bucket_of(face_px: float) -> str:
@@ -94,8 +94,6 @@ def refine_table(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def pass_schedules(settings: Sequence[Any], main_steps: int) -> dict[str, tuple[int, int, str]]:
     """Per refine setting, the pass it runs after a main call of ``main_steps`` steps:
     (pass steps, effective steps, identity "on"/"off"), by ``RefineConfig.steps``."""
-    from bf_core.config import effective_steps
-
     schedules = {}
     for setting in settings:
         refine = setting.config.refine

@@ -465,13 +465,13 @@ def multi_sections(runner, table, pairs: list[str], sheets: list[Path]) -> list[
 def write_refine(runner, flat, refine_settings: list[str], folder: Path) -> list[str]:
     """The face-refine section: ``refine.csv`` and its table (benchmarks/refine.py)."""
     from benchmarks.refine import (
-        FEW_STEP_MAIN_CALL,
         TABLE_COLUMNS,
         pass_schedules,
         refine_pairs,
         refine_table,
         same_pass_groups,
     )
+    from bf_core.config import FEW_STEP_MAIN_CALL
 
     main_steps = runner.spec.params.steps
     schedules = pass_schedules([s for s in runner.spec.settings if s.name in refine_settings],
@@ -479,13 +479,13 @@ def write_refine(runner, flat, refine_settings: list[str], folder: Path) -> list
     passes = (f"\nThe passes after the {main_steps}-step main call: " + "; ".join(
         f"`{name}` {steps} steps, {effective} effective, identity {identity}"
         for name, (steps, effective, identity) in schedules.items()) + ".\n")
+    why_same = ""
+    if main_steps <= FEW_STEP_MAIN_CALL:
+        why_same = (f": a main call of at most {FEW_STEP_MAIN_CALL} steps keeps its step count "
+                    "and raises the strength to at least `min_effective_steps` (docs/refine.md); "
+                    f"give `--steps` above {FEW_STEP_MAIN_CALL} for a strength sweep")
     for names in same_pass_groups(schedules):
-        passes += (f"\n{', '.join(f'`{n}`' for n in names)} run the same pass"
-                   + (f": a main call of at most {FEW_STEP_MAIN_CALL} steps keeps its step count "
-                      "and raises the strength to at least `min_effective_steps` "
-                      "(docs/refine.md); give `--steps` above "
-                      f"{FEW_STEP_MAIN_CALL} for a strength sweep"
-                      if main_steps <= FEW_STEP_MAIN_CALL else "") + ".\n")
+        passes += f"\n{', '.join(f'`{n}`' for n in names)} run the same pass{why_same}.\n"
     pairs = refine_pairs(flat, runner.spec.params.height, refine_settings)
     table = refine_table(pairs)
     _write_csv(folder / "refine.csv", table, TABLE_COLUMNS)

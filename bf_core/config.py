@@ -191,10 +191,15 @@ class RefineConfig:
         """(steps, strength) of the pass: ceil(effective / strength) steps at ``strength``;
         after a few-step model's main call (<= 8 steps), its own step count, the strength
         raised so that at least ``min_effective_steps`` run."""
-        if main_steps <= 8:
+        if main_steps <= FEW_STEP_MAIN_CALL:
             strength = max(self.strength, min(1.0, self.min_effective_steps / main_steps))
             return main_steps, strength
         return math.ceil(self.effective_steps / self.strength), self.strength
+
+
+#: a main call of at most this many steps is a few-step model's: the face-refine pass keeps
+#: its step count (RefineConfig.steps)
+FEW_STEP_MAIN_CALL = 8
 
 
 def effective_steps(steps: int, strength: float) -> int:

@@ -102,6 +102,12 @@ class RowsOfLines:
 ModelCall = Callable[..., torch.Tensor]
 
 
+def size_or_native(size: Any, native: int) -> Any:
+    """A call's height or width: the caller's, else (None) the host's native size. Only None
+    means "not given": a 0 goes on to the call's size check and its named error."""
+    return native if size is None else size
+
+
 @runtime_checkable
 class HostCall(Protocol):
     """One wrapped call on one pipeline, from the host's side."""

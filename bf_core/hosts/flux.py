@@ -31,7 +31,7 @@ import torch
 from bf_core.errors import ConfigError
 from bf_core.finite import check_decoded
 from bf_core.hookspecs import hookimpl
-from bf_core.hosts import MaskedImg2Img, RowsOfLines, Step
+from bf_core.hosts import MaskedImg2Img, RowsOfLines, Step, size_or_native
 from bf_core.hosts.session import HostSession
 from bf_core.records import (
     BOTH_BRANCHES,
@@ -372,9 +372,8 @@ class FluxCall:
     def __init__(self, pipe: Any, arguments: FluxCallArguments, options: dict[str, Any]):
         self.pipe, self.arguments = pipe, arguments
         self.native_size = int(pipe.default_sample_size * pipe.vae_scale_factor)
-        # None, not 0, means "the default": a 0 goes on to the size check and its error.
-        self.height = self.native_size if arguments.height is None else arguments.height
-        self.width = self.native_size if arguments.width is None else arguments.width
+        self.height = size_or_native(arguments.height, self.native_size)
+        self.width = size_or_native(arguments.width, self.native_size)
         _check_call(pipe, arguments, self.height, self.width)
         self.tensor_inputs = list(arguments.callback_on_step_end_tensor_inputs or ["latents"])
         self._set_pipeline_properties()

@@ -28,7 +28,7 @@ import torch
 from bf_core.errors import ConfigError
 from bf_core.finite import check_decoded
 from bf_core.hookspecs import hookimpl
-from bf_core.hosts import MaskedImg2Img, RowsOfLines, Step
+from bf_core.hosts import MaskedImg2Img, RowsOfLines, Step, size_or_native
 from bf_core.hosts.session import HostSession
 from bf_core.records import (
     BOTH_BRANCHES,
@@ -521,9 +521,8 @@ class SDXLCall:
         self.pipe, self.arguments = pipe, arguments
         self.tensor_inputs = _callback_tensor_inputs(arguments)
         self.native_size = native_size(pipe)
-        # None, not 0, means "the default": a 0 goes on to the size check and its error.
-        self.height = self.native_size if arguments.height is None else arguments.height
-        self.width = self.native_size if arguments.width is None else arguments.width
+        self.height = size_or_native(arguments.height, self.native_size)
+        self.width = size_or_native(arguments.width, self.native_size)
         _check_call(pipe, arguments, self.height, self.width, self.tensor_inputs)
         self._set_pipeline_properties()
         self.request = self._request(options)

@@ -86,8 +86,7 @@ def test_without_a_size_the_call_and_its_pass_draw_at_the_hosts_native_size(name
     (InstantID) has no ``default_sample_size``; its side comes from the UNet's config."""
     setup = setup_of(name, host)
     pipe = setup.pipe
-    model = pipe.transformer if host == "flux" else pipe.unet
-    side = (pipe.default_sample_size if host == "flux" else model.config.sample_size
+    side = (pipe.default_sample_size if host == "flux" else pipe.unet.config.sample_size
             ) * pipe.vae_scale_factor
     scene = get_registry().extras(name).scene_prompt or (lambda prompt: prompt)
     extra = {"max_sequence_length": 32} if host == "flux" else {}
