@@ -35,6 +35,10 @@ MAX_SMOOTH_KERNEL = 128
 MAX_AUTO_REGION_SCALE = 20.0
 MAX_SEED = 2**63 - 1
 
+#: a main call of at most this many steps is a few-step model's: the face-refine pass keeps
+#: its step count (RefineConfig.steps)
+FEW_STEP_MAIN_CALL = 8
+
 
 def _require_positive(name: str, value, upper: float = MAX_LAMBDA, lower: float = 0.0) -> None:
     """A finite real number in (lower, upper] (``lower`` itself allowed when it is > 0)."""
@@ -189,17 +193,12 @@ class RefineConfig:
 
     def steps(self, main_steps: int) -> tuple[int, float]:
         """(steps, strength) of the pass: ceil(effective / strength) steps at ``strength``;
-        after a few-step model's main call (<= 8 steps), its own step count, the strength
-        raised so that at least ``min_effective_steps`` run."""
+        after a few-step model's main call (<= ``FEW_STEP_MAIN_CALL`` steps), its own step
+        count, the strength raised so that at least ``min_effective_steps`` run."""
         if main_steps <= FEW_STEP_MAIN_CALL:
             strength = max(self.strength, min(1.0, self.min_effective_steps / main_steps))
             return main_steps, strength
         return math.ceil(self.effective_steps / self.strength), self.strength
-
-
-#: a main call of at most this many steps is a few-step model's: the face-refine pass keeps
-#: its step count (RefineConfig.steps)
-FEW_STEP_MAIN_CALL = 8
 
 
 def effective_steps(steps: int, strength: float) -> int:

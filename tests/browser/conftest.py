@@ -188,8 +188,7 @@ class AppPage:
         photos = self.page.locator("#photos")
         for _ in range(2):
             try:
-                with self.page.expect_request(_is_upload,
-                                              timeout=UPLOAD_SENT_TIMEOUT_MS) :
+                with self.page.expect_request(_is_upload, timeout=UPLOAD_SENT_TIMEOUT_MS):
                     photos.locator("input[type=file]").set_input_files(str(photo))
                 break
             except PlaywrightTimeout:
@@ -198,8 +197,6 @@ class AppPage:
             pytest.fail(f"the page sent no upload of {photo.name} in 2 x "
                         f"{UPLOAD_SENT_TIMEOUT_MS // 1000} s; the browser reported "
                         f"{self.reports}")
-        # While it uploads, the box shows the name in a progress line; the listing, a row
-        # labelled with the name, comes after the server's answer.
         listed = photos.locator(f'[aria-label="{photo.name}"]')
         try:
             expect(listed).to_have_count(1, timeout=RUN_TIMEOUT_MS)
