@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -205,11 +206,54 @@ class AppPage:
                         f"shows {photos.inner_text()!r}; the browser reported "
                         f"{self.reports}; {exc}")
 
+    def give_model_paths(self, base_model: Path, checkpoint: Path) -> None:
+        """Open "Model paths", type both paths, and wait until the page has taken them.
+
+        The section's boxes are made when it opens, and a base model typed at once, with
+        Generate clicked before the page's answer to it (hiding the tiny-pipeline banner)
+        came back, was lost on CI: the run saw a checkpoint without its base model. So a box
+        is typed into until it holds its text, and the banner must hide before going on."""
+        from playwright.sync_api import expect
+
+        self.page.locator("#model-paths").get_by_text("Model paths").click()
+        banner = self.page.locator("#tiny-banner")
+        for elem_id, path in (("base-model", base_model), ("checkpoint", checkpoint)):
+            box = self.page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+            self.type_until_held(box, str(path))
+            if elem_id == "base-model":
+                expect(banner).to_be_hidden(timeout=RUN_TIMEOUT_MS)
+        for elem_id, path in (("base-model", base_model), ("checkpoint", checkpoint)):
+            expect(self.page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+                   ).to_have_value(str(path))
+
+    @staticmethod
+    def type_until_held(box, text: str, tries: int = 3) -> None:
+        """Fill ``box`` until it holds ``text`` (a box made a moment ago may drop a first
+        fill); fails after ``tries`` fills that did not hold."""
+        from playwright.sync_api import expect
+
+        for _ in range(tries):
+            box.fill(text)
+            try:
+                expect(box).to_have_value(text, timeout=5_000)
+                return
+            except AssertionError:
+                continue
+        pytest.fail(f"the box did not keep {text!r} after {tries} fills")
+
     def open_advanced(self) -> None:
         self.page.locator("#advanced").get_by_text("Advanced").click()
 
     def generate(self) -> None:
         self.page.locator("#generate").click()
+
+    def wait_for_message(self, text: str | re.Pattern) -> None:
+        """Wait, as long as a run may take, for ``text`` to show: an error comes back
+        only after the run got that far (a first run loads its pipeline first, which took
+        longer than an assertion's own 5 s on CI)."""
+        from playwright.sync_api import expect
+
+        expect(self.page.get_by_text(text)).to_be_visible(timeout=RUN_TIMEOUT_MS)
 
     def record_progress(self) -> None:
         """From now on, keep every step the progress bar shows: a run of the tiny pipeline

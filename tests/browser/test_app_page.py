@@ -140,7 +140,6 @@ def no_face_loader(tmp_path):
 def test_bad_input_shows_the_librarys_error_in_the_page(start_app, open_page, tmp_path,
                                                         no_face_loader):
     import torch
-    from playwright.sync_api import expect
 
     from bf_core.app.run import PipelineCache
     from bf_core.testing import tiny_sdxl_pipeline
@@ -150,8 +149,7 @@ def test_bad_input_shows_the_librarys_error_in_the_page(start_app, open_page, tm
     Image.new("RGB", (256, 256), (205, 190, 170)).save(wall)
     page.fill(wall, PROMPT)
     page.generate()
-    expect(page.page.get_by_text("FaceNotFoundError: no face was found in reference image 0")
-           ).to_be_visible()
+    page.wait_for_message("FaceNotFoundError: no face was found in reference image 0")
 
     # Another method's checkpoint: an IP-Adapter file given to PhotoMaker.
     base = tmp_path / "tiny-sdxl"
@@ -159,12 +157,9 @@ def test_bad_input_shows_the_librarys_error_in_the_page(start_app, open_page, tm
     foreign = tmp_path / "ip-adapter.bin"
     torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)},
                 "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}}, foreign)
-    page.page.locator("#model-paths").get_by_text("Model paths").click()
-    page.page.locator("#base-model textarea, #base-model input").first.fill(str(base))
-    page.page.locator("#checkpoint textarea, #checkpoint input").first.fill(str(foreign))
+    page.give_model_paths(base, foreign)
     page.generate()
-    expect(page.page.get_by_text(re.compile(r"CheckpointError: .*looks like an IP-Adapter"))
-           ).to_be_visible()
+    page.wait_for_message(re.compile(r"CheckpointError: .*looks like an IP-Adapter"))
 
     assert "Traceback" not in page.page.content()
     assert page.page.locator("#method-images img").count() == 0
